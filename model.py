@@ -1,0 +1,282 @@
+"""A modern decoder-only Transformer, small enough to read in one sitting.
+
+The network is the Llama recipe: token embedding -> N pre-norm blocks
+(RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head.
+Attention uses rotary position embeddings (RoPE), grouped-query attention (GQA) and an
+optional sliding window. A preallocated KV cache makes decoding one token cost one step.
+
+This file holds only the model: no tokenizer, no files, no training loop. Other scripts import it.
+`tests/test_model.py` proves it equal to Hugging Face's `LlamaForCausalLM` on random weights.
+
+    from model import ModelConfig, Transformer
+    model = Transformer(ModelConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2))
+    logits = model(torch.randint(0, 256, (1, 10)))          # (1, 10, 256)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters: the `model:` section of a YAML config."""
+
+    vocab_size: int = 50304  # rows of the embedding; >= the tokenizer's vocabulary (padded to a multiple of 64)
+    n_layers: int = 4  # number of Transformer blocks
+    d_model: int = 256  # width of the residual stream
+    n_heads: int = 8  # query heads; head_dim = d_model / n_heads
+    n_kv_heads: int = 4  # key/value heads shared by groups of query heads (GQA); 1 = MQA, n_heads = MHA
+    d_ff: int = 704  # hidden width of the SwiGLU MLP (about 8/3 * d_model)
+    dropout: float = 0.0  # dropout on attention weights and on each residual branch, training only
+    rope_theta: float = 10000.0  # RoPE base: larger = slower-rotating low frequencies, longer reach
+    norm_eps: float = 1e-5  # epsilon inside RMSNorm
+    max_seq_len: int = 256  # longest sequence the KV cache holds and training may use
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    swa_window: int = 0  # sliding-window attention: 0 = full causal; w > 0 = each token sees the last w tokens
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"model.d_model / model.n_heads must be even for RoPE, got head_dim {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.swa_window < 0:
+            raise ValueError(f"model.swa_window must be 0 (off) or a positive window, got {self.swa_window}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.rope_theta and model.norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain.
+
+    Cheaper than LayerNorm (no mean, no bias) and just as stable. Computed in fp32 because the
+    mean of squares overflows or loses precision in half precision.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """Rotation angles for RoPE: position p, frequency pair i turns by p * theta^(-2i/head_dim).
+
+    Computed in fp32 from scratch on every call (cheap), so half-precision weights never
+    round the angles. Returns cos and sin of shape (T, head_dim / 2).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x[i], x[i + head_dim/2]) pair of every head by its position's angle.
+
+    This "split halves" pairing is the one Hugging Face Llama uses, so exported weights need no
+    permutation. Because a rotation by angle(p) dotted with one by angle(s) depends only on p - s,
+    attention scores see relative positions.  x: (B, T, H, head_dim), cos/sin: (T, head_dim/2)
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # each (B, T, H, head_dim/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2): broadcast over heads
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated once.
+
+    Decoding token t then attends to the t cached keys instead of recomputing them: one forward
+    step per new token. `length` counts the positions filled; the model advances it.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, n_kv_heads, T, head_dim) at the next positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+# enable_gqa (torch >= 2.5) lets SDPA share each K/V head across its query group without copying.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE and grouped-query K/V heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_heads, T_past + T, head_dim)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1 and not _SDPA_HAS_GQA:  # older torch: copy each K/V head for its query group
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask if isinstance(mask, torch.Tensor) else None,
+            is_causal=mask == "causal",
+            dropout_p=self.dropout if self.training else 0.0,
+            **extra,
+        )  # (B, n_heads, T, head_dim): softmax(q k^T / sqrt(head_dim)) v
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x)). The gate lets each hidden unit switch itself off."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Normalising only the branch inputs keeps the residual stream an untouched sum, which is what
+    lets deep stacks train without warm-up tricks.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def attention_mask(q_start: int, q_len: int, k_len: int, window: int, device):
+    """Which keys each query may see, as SDPA expects: "causal", None (all) or a bool (q_len, k_len) mask.
+
+    Query at absolute position i sees key j iff  i - window < j <= i  (window 0 = no lower bound).
+    The same rule serves full-sequence training and cached decoding, so the two always agree.
+    """
+    if window == 0 or k_len <= window:
+        if q_start == 0 and q_len == k_len:
+            return "causal"  # the fast path: SDPA builds the triangle itself
+        if q_len == 1:
+            return None  # a single new token sees every cached key
+    i = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (q_len, 1) query positions
+    j = torch.arange(k_len, device=device)[None, :]  # (1, k_len) key positions
+    visible = j <= i
+    if window > 0:
+        visible &= j > i - window
+    return visible
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # one matrix reads tokens in and writes them out
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """Initial values (GPT-2 / Llama practice):
+
+        - every Linear and the embedding: normal(0, 0.02), no biases anywhere;
+        - the two projections that write into the residual stream (attn.o_proj, mlp.down_proj):
+          normal(0, 0.02 / sqrt(2 * n_layers)), so the stream's variance stays O(1) however deep;
+        - RMSNorm gains: 1 (their constructor does it).
+        With tied embeddings, the output head starts from the embedding's values.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name in ("o_proj", "down_proj"):
+            if hasattr(module, name):
+                std = 0.02 / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(getattr(module, name).weight, mean=0.0, std=std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, forward + backward (PaLM appendix B): 6 per matmul weight + attention.
+
+        The embedding lookup is not a matmul, the output head is (tied or not).
+        """
+        c = self.config
+        matmul_weights = self.num_parameters(exclude_embeddings=True) + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
+        attn_span = min(seq_len, c.swa_window) if c.swa_window else seq_len
+        return 6 * matmul_weights + 12 * c.n_layers * c.d_model * attn_span
+
+    def forward(self, idx, cache: KVCache | None = None):
+        """idx: (B, T) token ids. With a cache, idx holds the next T tokens after those already cached."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), self.config.head_dim,
+                                self.config.rope_theta)
+        mask = attention_mask(start, T, start + T, self.config.swa_window, idx.device)  # one mask, all layers
+        x = self.drop(self.embed(idx))  # (B, T, d_model)
+        for layer, block in enumerate(self.blocks):
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
