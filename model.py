@@ -42,8 +42,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            # bool is an int subclass and 1.5 would silently truncate: both are config typos
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
@@ -52,10 +54,11 @@ class ModelConfig:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.swa_window < 0:
-            raise ValueError(f"model.swa_window must be 0 (off) or a positive window, got {self.swa_window}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError("model.rope_theta and model.norm_eps must be positive")
+        if not isinstance(self.swa_window, int) or isinstance(self.swa_window, bool) or self.swa_window < 0:
+            raise ValueError(f"model.swa_window must be 0 (off) or a positive integer window, got {self.swa_window!r}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -157,7 +160,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask if isinstance(mask, torch.Tensor) else None,
-            is_causal=mask == "causal",
+            is_causal=isinstance(mask, str),  # the only string attention_mask returns is "causal"
             dropout_p=self.dropout if self.training else 0.0,
             **extra,
         )  # (B, n_heads, T, head_dim): softmax(q k^T / sqrt(head_dim)) v
@@ -207,7 +210,7 @@ def attention_mask(q_start: int, q_len: int, k_len: int, window: int, device):
     if window == 0 or k_len <= window:
         if q_start == 0 and q_len == k_len:
             return "causal"  # the fast path: SDPA builds the triangle itself
-        if q_len == 1:
+        if q_len == 1 and q_start == k_len - 1:
             return None  # a single new token sees every cached key
     i = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (q_len, 1) query positions
     j = torch.arange(k_len, device=device)[None, :]  # (1, k_len) key positions
