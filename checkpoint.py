@@ -1,0 +1,130 @@
+"""Checkpoint files and device choice, shared by every script.
+
+A `.ckpt` file is a `torch.save`d dict written by Lightning (train.py, finetune.py) or by
+convert.py. Every script reads the same two entries:
+
+    state_dict  model weights, keys prefixed with "model." (Lightning's LightningModule layout)
+    meta        plain data: kind ("pretrain" | "sft"), step, epoch, tokens_seen, train_loss,
+                val_loss, n_params, model_config, config (the full YAML config), tokenizer
+
+Writes are atomic (temporary file, fsync, rename), so a killed process never leaves a
+truncated checkpoint under a good name. Reads use `weights_only=True`: loading a file can
+never run code from it. Next to each checkpoint, `NAME.ckpt.json` repeats `meta` so that
+list.py can show a folder of checkpoints without importing torch.
+"""
+
+import json
+import os
+import pickle
+
+import torch
+
+from config import UsageError
+from model import ModelConfig, Transformer
+
+META_SUFFIX = ".json"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(path)
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Atomically write a checkpoint dict and its metadata sidecar."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    meta = checkpoint.get("meta")
+    if meta is not None:
+        atomic_write(path + META_SUFFIX, lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
+
+
+def load_checkpoint(path: str, mmap: bool = True) -> dict:
+    """Load a checkpoint safely (tensors and plain data only), memory-mapped so unused tensors cost nothing."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path} (train one first, or check the path with `python list.py`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise UsageError(f"{path} holds Python objects beyond tensors and plain data; refusing to load it "
+                             "because unpickling could run code (only use checkpoints from this project)") from None
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): pick another file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated, corrupt or not a .ckpt file): "
+                         f"pick another file [{type(e).__name__}]") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise UsageError(f"{path} is not a Tiny Transformer checkpoint (no state_dict/meta): "
+                         "use a .ckpt written by train.py, finetune.py or convert.py")
+    return ckpt
+
+
+def read_meta(path: str) -> dict:
+    """A checkpoint's metadata, from its JSON sidecar when that is current, else from the file itself."""
+    sidecar = path + META_SUFFIX
+    if os.path.isfile(sidecar) and os.path.getmtime(sidecar) >= os.path.getmtime(path):
+        with open(sidecar, encoding="utf-8") as f:
+            return json.load(f)
+    return load_checkpoint(path)["meta"]
+
+
+def model_state_dict(ckpt: dict) -> dict:
+    """Model weights without Lightning's "model." prefix (and without torch.compile's "_orig_mod.")."""
+    out = {}
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("model."):
+            out[key[len("model."):].replace("_orig_mod.", "")] = value
+    return out
+
+
+def pick_device(name: str = "auto", strict: bool = True) -> torch.device:
+    """auto -> cuda, then mps, then cpu. An unavailable device is an error (strict) or falls back to cpu."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if name == "gpu":
+        name = "cuda"
+    if name not in available:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name]:
+        if strict:
+            raise UsageError(f"device {name} is not available on this machine: use --device auto or cpu")
+        print(f"warning: {name} is not available on this machine; using cpu instead")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def load_model(path: str, device="cpu", dtype: torch.dtype = torch.float32):
+    """Build the model a checkpoint describes and load its weights. Returns (model in eval mode, meta)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    model_config = ModelConfig(**meta["model_config"])
+    model_config.gradient_checkpointing = False  # inference never needs it
+    with torch.device("meta"):
+        model = Transformer(model_config)  # no memory, no init: the weights come from the file
+    model.load_state_dict(model_state_dict(ckpt), assign=True)
+    if model_config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
+    return model.to(device=device, dtype=dtype).eval(), meta

@@ -1,0 +1,295 @@
+"""Typed configuration: every YAML key, its type, default and meaning, validated in one place.
+
+A config file has the sections `model`, `training`, `hardware`, `data` (and `finetune` for SFT).
+`load_config` reads the YAML, applies `--set section.key=value` overrides, and checks every key
+before anything heavy starts: an unknown key, a wrong type or an impossible value raises
+`UsageError` with one line naming the key (and a "did you mean" suggestion).
+
+    cfg = load_config("config_smoke.yaml", overrides=["training.max_steps=10"])
+    cfg.training.lr, cfg.model.n_layers
+
+This module imports no torch, so light scripts (list.py) can use `UsageError` and `run_cli`.
+"""
+
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+def run_cli(main):
+    """Run `main()`; a UsageError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@dataclass
+class EarlyStopping:
+    enabled: bool = False  # stop when val loss has not improved for `patience` validations
+    patience: int = 5  # validations without improvement before stopping
+    min_delta: float = 0.0  # an improvement must beat the best val loss by more than this
+
+
+@dataclass
+class ReduceOnPlateau:
+    factor: float = 0.5  # multiply the LR by this when val loss stalls (lr_schedule: plateau only)
+    patience: int = 2  # validations without improvement before reducing
+    min_lr: float = 1e-6  # never reduce below this
+
+
+@dataclass
+class Training:
+    seq_len: int = 256  # tokens per training sequence (must be <= model.max_seq_len)
+    micro_batch_size: int = 8  # sequences per forward/backward pass on each device
+    grad_accum_steps: int = 1  # micro-batches summed into one optimizer step
+    max_steps: int = 1000  # optimizer steps in the whole run
+    lr: float = 3e-4  # peak learning rate
+    lr_schedule: str = "warmup_cosine"  # warmup_cosine | plateau (warm-up, then constant, cut on plateaus)
+    warmup_ratio: float = 0.05  # fraction of max_steps spent warming the LR up linearly from 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "auto"  # auto | 32 | bf16-mixed | 16-mixed  (auto: best the device supports)
+    seed: int = 1337  # seeds weights, data order and dropout
+    val_every: int = 100  # run validation every this many optimizer steps (and at the end)
+    val_batches: int = 50  # at most this many validation batches per validation
+    log_every: int = 10  # print a log line every this many optimizer steps
+    save_every: int = 100  # write a checkpoint every this many optimizer steps
+    keep_last: int = 3  # periodic checkpoints kept on disk (best/last/final are never deleted); 0 = all
+    checkpoint_dir: str = "checkpoints"  # where .ckpt files, metrics.csv and loss_curve.png go
+    auto_resume: bool = True  # continue from the newest checkpoint in checkpoint_dir
+    reset_lr_on_resume: bool = False  # on resume, restart the LR schedule (warm-up included) from step 0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    reduce_on_plateau: ReduceOnPlateau = field(default_factory=ReduceOnPlateau)
+
+
+@dataclass
+class Hardware:
+    accelerator: str = "auto"  # auto | cpu | cuda | mps  (auto: cuda, then mps, then cpu)
+    devices: Union[int, str] = 1  # devices per node, or "auto"
+    num_nodes: int = 1  # machines in a multi-node run
+    strategy: str = "auto"  # auto | ddp | fsdp  (passed to Lightning)
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+
+
+@dataclass
+class Data:
+    dataset: str = "data/tiny_corpus.txt"  # local .txt/.jsonl/folder/glob/saved dataset, or a Hub dataset name
+    config: Optional[str] = None  # Hub dataset configuration (e.g. 20231101.en)
+    split: str = "train"  # Hub split to train on
+    data_files: Optional[str] = None  # local file(s) read through `datasets` with dataset: json | text | parquet
+    val_dataset: Optional[str] = None  # a separate validation source (path or Hub name); null = hold out from dataset
+    val_split: Optional[str] = None  # Hub split for validation; null = hold out val_docs documents (see data.py)
+    val_docs: int = 50  # documents held out for validation when there is no separate split
+    train_docs: Optional[int] = None  # cap on training documents (needed to bound a streamed dataset)
+    text_field: str = "text"  # field holding the text in .jsonl files and datasets
+    txt_documents: str = "line"  # in .txt files: line (one document per line) | paragraph | file
+    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
+    shuffle_buffer: int = 0  # shuffle a streamed training set through a buffer of this many documents
+    max_doc_len: int = 0  # truncate each document to this many tokens (0 = no limit)
+    tokenizer_name: str = "gpt2"  # gpt2 (bundled, offline) | a local tokenizer folder | a Hub name
+    offline: bool = False  # never contact the Hub (HF_HUB_OFFLINE=1 does the same)
+
+
+@dataclass
+class Config:
+    model: dict = field(default_factory=dict)  # fields of model.ModelConfig; vocab_size defaults to the tokenizer's
+    training: Training = field(default_factory=Training)
+    hardware: Hardware = field(default_factory=Hardware)
+    data: Data = field(default_factory=Data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _model_fields() -> dict:
+    """Field name -> type of model.ModelConfig."""
+    from model import ModelConfig  # imported here so this module stays torch-free
+
+    return get_type_hints(ModelConfig)
+
+
+def _check_type(key: str, value: Any, hint) -> Any:
+    """Return value converted to `hint` (int -> float is allowed), or raise UsageError."""
+    if get_origin(hint) is Union:
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _check_type(key, value, option)
+                except UsageError:
+                    pass
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise UsageError(f"{key} must be {names}, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool) or hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{key} must be {hint.__name__}, got {value!r}")
+    if not isinstance(value, hint):
+        raise UsageError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _unknown_key(section: str, key: str, known) -> UsageError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(known))})"
+    where = f"{section}.{key}" if section else key
+    return UsageError(f"unknown config key '{where}'{hint}")
+
+
+def _build_section(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise UsageError(f"config section '{prefix}' must be a mapping of keys to values, got {values!r}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(prefix, key, hints)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build_section(hint, value or {}, f"{prefix}.{key}")
+        else:
+            kwargs[key] = _check_type(f"{prefix}.{key}", value, list if hint is list else hint)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, extra_sections: dict | None = None) -> Config:
+    """Validate a plain dict (from YAML or a checkpoint) into a Config. `extra_sections` maps name -> dataclass."""
+    extra_sections = extra_sections or {}
+    sections = {"model": None, "training": Training, "hardware": Hardware, "data": Data, **extra_sections}
+    for name in raw:
+        if name not in sections:
+            raise _unknown_key("", name, sections)
+    model_fields = _model_fields()
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise UsageError("config section 'model' must be a mapping of keys to values")
+    model = {}
+    for key, value in model_raw.items():
+        if key not in model_fields:
+            raise _unknown_key("model", key, model_fields)
+        if value is None and key == "vocab_size":  # null: take it from the tokenizer
+            model[key] = None
+        else:
+            model[key] = _check_type(f"model.{key}", value, model_fields[key])
+    cfg = Config(
+        model=model,
+        training=_build_section(Training, raw.get("training") or {}, "training"),
+        hardware=_build_section(Hardware, raw.get("hardware") or {}, "hardware"),
+        data=_build_section(Data, raw.get("data") or {}, "data"),
+    )
+    for name, cls in extra_sections.items():
+        setattr(cfg, name, _build_section(cls, raw.get(name) or {}, name))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Rules that involve values, not just types."""
+    t = cfg.training
+    positive = {"training.seq_len": t.seq_len, "training.micro_batch_size": t.micro_batch_size,
+                "training.grad_accum_steps": t.grad_accum_steps, "training.max_steps": t.max_steps,
+                "training.val_every": t.val_every, "training.val_batches": t.val_batches,
+                "training.log_every": t.log_every, "training.save_every": t.save_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{key} must be a positive integer, got {value}")
+    if not t.lr > 0:
+        raise UsageError(f"training.lr must be positive, got {t.lr}")
+    if t.lr_schedule not in ("warmup_cosine", "plateau"):
+        raise UsageError(f"training.lr_schedule must be warmup_cosine or plateau, got {t.lr_schedule!r}")
+    if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
+        raise UsageError("training.warmup_ratio must be in [0, 1) and training.min_lr_ratio in [0, 1]")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise UsageError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.precision not in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"):
+        raise UsageError(f"training.precision must be auto, 32, bf16-mixed or 16-mixed, got {t.precision!r}")
+    if t.keep_last < 0 or t.grad_clip < 0:
+        raise UsageError("training.keep_last and training.grad_clip must be >= 0")
+    if cfg.hardware.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
+        raise UsageError(f"hardware.accelerator must be auto, cpu, cuda or mps, got {cfg.hardware.accelerator!r}")
+    if cfg.data.txt_documents not in ("line", "paragraph", "file"):
+        raise UsageError(f"data.txt_documents must be line, paragraph or file, got {cfg.data.txt_documents!r}")
+    if cfg.data.val_docs < 0:
+        raise UsageError(f"data.val_docs must be >= 0, got {cfg.data.val_docs}")
+    max_seq_len = cfg.model.get("max_seq_len")
+    if max_seq_len is not None and t.seq_len > max_seq_len:
+        raise UsageError(f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({max_seq_len}): "
+                         "lower seq_len or raise max_seq_len")
+    try:
+        model_config(cfg, vocab_size=cfg.model.get("vocab_size") or 64)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def model_config(cfg: Config, vocab_size: int):
+    """The ModelConfig a Config describes; vocab_size comes from the tokenizer unless the config sets it."""
+    from model import ModelConfig
+
+    values = {k: v for k, v in cfg.model.items() if v is not None}
+    values.setdefault("vocab_size", vocab_size)
+    values.setdefault("max_seq_len", cfg.training.seq_len)
+    return ModelConfig(**values)
+
+
+def parse_override(text: str):
+    """'training.lr=1e-3' -> (['training', 'lr'], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UsageError(f"--set expects section.key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip().split("."), value
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"config file not found: {path} (pass --config with an existing YAML file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"YAML syntax error in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} must contain a mapping of sections (model:, training:, ...)")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {text}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None, extra_sections: dict | None = None) -> Config:
+    """Read, override and validate a YAML config file."""
+    return config_from_dict(apply_overrides(read_yaml(path), overrides), extra_sections)
