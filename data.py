@@ -181,6 +181,12 @@ def _local_files(source: str) -> list[str] | None:
     return None
 
 
+def _looks_like_path(source: str) -> bool:
+    """A Hub name is `name` or `owner/name`; anything else with a slash or a file extension is a local path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(
+        (".txt", ".json", ".jsonl", ".parquet", ".csv"))
+
+
 def _is_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -221,7 +227,7 @@ def iter_documents(data, source: str | None = None, split: str | None = None) ->
         if not files:
             raise UsageError(f"no .txt/.jsonl files found at {source}: check data.dataset")
         return (doc for path in files for doc in _read_text_file(path, data.text_field, data.txt_documents))
-    if os.sep in source and not os.path.exists(source) and not data.data_files:
+    if _looks_like_path(source) and not os.path.exists(source) and not data.data_files:
         raise UsageError(f"dataset file not found: {source} (check data.dataset)")
     return _hf_documents(data, source, split or data.split)
 

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ import pytorch_lightning as pl  # noqa: E402  (after the light imports: ~5 s)
 from pytorch_lightning.plugins.io import TorchCheckpointIO  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # our own start-up lines say what matters
+warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")  # Lightning 2.6 on torch 2.13: harmless
 
 
 # ---------------------------------------------------------------------------------------------
