@@ -34,6 +34,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # our own start-up lines say what matters
 warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")  # Lightning 2.6 on torch 2.13: harmless
+# Our sampler resumes mid-run by itself (TextData starts at the restored step), which Lightning cannot see.
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +84,8 @@ class LanguageModel(pl.LightningModule):
         super().__init__()
         self.cfg, self.kind, self.tokenizer_spec = cfg, kind, tokenizer_spec
         self.model = Transformer(model_cfg)
-        self.tokens_seen = 0  # every input token of every rank
+        self.tokens_seen = 0  # every input token of every rank (padding included)
+        self.supervised_seen = 0  # tokens with a label (not -100): all of them in pretraining, the responses in SFT
         self.plateau_scale = 1.0  # LR factor cut by ReduceOnPlateau (lr_schedule: plateau)
         self.schedule_offset = 0  # steps to subtract when the LR schedule restarts on resume
         self.last_train_loss = self.last_val_loss = None
@@ -91,23 +94,38 @@ class LanguageModel(pl.LightningModule):
     def forward(self, idx):
         return self.model(idx)
 
-    def loss(self, batch):
-        x, y = batch[0], batch[1]
-        logits = self.model(x)  # (B, T, vocab)
+    @staticmethod
+    def token_loss(logits, y):
+        """Mean cross-entropy over the labelled positions of (B, T, vocab) logits and (B, T) labels."""
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
+    def loss(self, batch):
+        return self.token_loss(self.model(batch[0]), batch[1])
+
     def training_step(self, batch, batch_idx):
+        supervised = int((batch[1] != -100).sum())
+        if supervised == 0:  # an SFT batch whose responses were all cut away: nothing to learn, skip the step
+            return None
         loss = self.loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}: lower training.lr "
                                      "or use training.precision: 32; the last good checkpoint is kept")
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
+        self.supervised_seen += supervised * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True, on_step=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.loss(batch), prog_bar=True, on_epoch=True, sync_dist=True,
-                 batch_size=batch[0].shape[0])
+        x, y = batch[0], batch[1]
+        supervised = y != -100
+        n = int(supervised.sum())
+        if n == 0:
+            return
+        logits = self.model(x)
+        accuracy = (logits.argmax(-1) == y)[supervised].float().mean()
+        # Weighted by labelled tokens, so the epoch value is the mean over tokens, not over batches.
+        self.log("val_loss", self.token_loss(logits, y), prog_bar=True, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log("val_acc", accuracy, on_epoch=True, sync_dist=True, batch_size=n)
 
     def current_lr_multiplier(self, step: int) -> float:
         t = self.cfg.training
@@ -126,6 +144,7 @@ class LanguageModel(pl.LightningModule):
             "step": self.global_step,
             "epoch": self.epoch,
             "tokens_seen": self.tokens_seen,
+            "supervised_seen": self.supervised_seen,
             "train_loss": self.last_train_loss,
             "val_loss": self.last_val_loss,
             "n_params": self.model.num_parameters(),
@@ -145,6 +164,7 @@ class LanguageModel(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         meta = checkpoint["meta"]
         self.tokens_seen = meta["tokens_seen"]
+        self.supervised_seen = meta.get("supervised_seen", meta["tokens_seen"])
         self.last_train_loss, self.last_val_loss = meta["train_loss"], meta["val_loss"]
         self.plateau_scale = meta.get("plateau_scale", 1.0)
         self.schedule_offset = meta["step"] if self.cfg.training.reset_lr_on_resume else meta.get("schedule_offset", 0)
@@ -251,10 +271,58 @@ class Checkpoints(pl.Callback):
             trainer.save_checkpoint(os.path.join(self.folder, "best.ckpt"), weights_only=False)
 
 
+class Plateau(pl.Callback):
+    """Acts when val loss stops improving: cuts the LR (lr_schedule: plateau) and stops early (early_stopping).
+
+    Both count the same thing: validations since val loss last beat its best by more than
+    early_stopping.min_delta. An LR cut does not reset that count (a cut that does not help must
+    still lead to stopping), and it lasts: it multiplies module.plateau_scale, which the LR schedule
+    itself multiplies in at every step, so the schedule cannot undo it.
+    """
+
+    def __init__(self, t):
+        self.t = t
+        self.best = math.inf
+        self.stale = 0  # validations without improvement (early stopping)
+        self.stale_since_cut = 0  # the same, counted since the last LR cut (plateau reduction)
+
+    def on_validation_end(self, trainer, module):
+        val = trainer.callback_metrics.get("val_loss")
+        if val is None or trainer.sanity_checking:
+            return
+        if float(val) < self.best - self.t.early_stopping.min_delta:
+            self.best, self.stale, self.stale_since_cut = float(val), 0, 0
+            return
+        self.stale += 1
+        self.stale_since_cut += 1
+        plateau = self.t.reduce_on_plateau
+        if self.t.lr_schedule == "plateau" and self.stale_since_cut >= plateau.patience:
+            module.plateau_scale *= plateau.factor
+            self.stale_since_cut = 0
+            lr = self.t.lr * module.current_lr_multiplier(trainer.global_step)
+            for group in trainer.optimizers[0].param_groups:  # effective now, not only after the next step
+                group["lr"] = lr
+            if trainer.is_global_zero:
+                print(f"step {trainer.global_step}: val loss has not improved for {plateau.patience} validations, "
+                      f"LR cut to {lr:.2e}", flush=True)
+        if self.t.early_stopping.enabled and self.stale >= self.t.early_stopping.patience:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(f"step {trainer.global_step}: early stopping, val loss has not improved for {self.stale} "
+                      f"validations (best {self.best:.4f})", flush=True)
+
+    def state_dict(self):
+        return {"best": self.best, "stale": self.stale, "stale_since_cut": self.stale_since_cut}
+
+    def load_state_dict(self, state):
+        self.best, self.stale, self.stale_since_cut = state["best"], state["stale"], state["stale_since_cut"]
+
+
 class TrainingLog(pl.Callback):
     """A log line every `log_every` steps (step, loss, lr, tokens/s, MFU, ETA) and rows in metrics.csv."""
 
-    FIELDS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+    FIELDS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s",
+              "val_acc", "supervised_tokens_per_s"]
 
     def __init__(self, t, flops_per_token: float, peak_flops: float):
         self.t, self.flops_per_token, self.peak_flops = t, flops_per_token, peak_flops
@@ -272,34 +340,42 @@ class TrainingLog(pl.Callback):
     def on_train_start(self, trainer, module):
         self.start = self.window_start = time.time()
         self.window_tokens, self.start_step = module.tokens_seen, trainer.global_step
+        self.window_supervised = module.supervised_seen
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
+        if outputs:  # None when training_step skipped the batch
+            self.losses.append(float(outputs["loss"]))
         step = trainer.global_step
         if (batch_idx + 1) % self.t.grad_accum_steps or step % self.t.log_every and step != self.t.max_steps:
             return
         now = time.time()
-        loss = sum(self.losses) / len(self.losses)
+        loss = sum(self.losses) / len(self.losses) if self.losses else math.nan
         tok_s = (module.tokens_seen - self.window_tokens) / max(now - self.window_start, 1e-9)
+        sup_s = (module.supervised_seen - self.window_supervised) / max(now - self.window_start, 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak_flops / trainer.world_size
         eta = (now - self.start) / max(step - self.start_step, 1) * (self.t.max_steps - step)
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         module.last_train_loss = loss
         if trainer.is_global_zero:
+            # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
+            supervised = f"{sup_s:,.0f} supervised tok/s | " if module.kind == "sft" else ""
             print(f"step {step}/{self.t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                  f"MFU {100 * mfu:.1f}% | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                  f"{supervised}MFU {100 * mfu:.1f}% | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
             self.write_row(step=step, epoch=module.epoch, tokens_seen=module.tokens_seen, train_loss=f"{loss:.5f}",
-                           lr=f"{lr:.4e}", tokens_per_s=f"{tok_s:.1f}", elapsed_s=f"{now - self.start:.1f}")
+                           lr=f"{lr:.4e}", tokens_per_s=f"{tok_s:.1f}", elapsed_s=f"{now - self.start:.1f}",
+                           supervised_tokens_per_s=f"{sup_s:.1f}")
         self.losses, self.window_start, self.window_tokens = [], now, module.tokens_seen
+        self.window_supervised = module.supervised_seen
 
     def on_validation_end(self, trainer, module):
         val = trainer.callback_metrics.get("val_loss")
         if val is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        acc = float(trainer.callback_metrics.get("val_acc", math.nan))  # share of labelled tokens predicted top-1
         print(f"step {trainer.global_step}/{self.t.max_steps} | val_loss {float(val):.4f} | "
-              f"val_ppl {math.exp(min(float(val), 50)):.2f}", flush=True)
+              f"val_ppl {math.exp(min(float(val), 50)):.2f} | val_acc {acc:.3f}", flush=True)
         self.write_row(step=trainer.global_step, epoch=module.epoch, tokens_seen=module.tokens_seen,
-                       val_loss=f"{float(val):.5f}", elapsed_s=f"{time.time() - self.start:.1f}")
+                       val_loss=f"{float(val):.5f}", elapsed_s=f"{time.time() - self.start:.1f}", val_acc=f"{acc:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------
