@@ -88,6 +88,24 @@ def bench(config: ModelConfig, batch: int, seq: int, bf16: bool, steps: int, war
                 tflops=flops / 1e12, mfu=flops / peak)
 
 
+def attention_only(config: ModelConfig, batch: int, seq: int, steps: int) -> dict:
+    """Median ms of one causal SDPA forward+backward, K/V heads shared via enable_gqa vs copied first."""
+    groups = config.n_heads // config.n_kv_heads
+    q = torch.randn(batch, config.n_heads, seq, config.head_dim, requires_grad=True)
+    k = torch.randn(batch, config.n_kv_heads, seq, config.head_dim, requires_grad=True)
+    v = torch.randn(batch, config.n_kv_heads, seq, config.head_dim, requires_grad=True)
+
+    def gqa():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+    def repeat():
+        kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        F.scaled_dot_product_attention(q, kr, vr, is_causal=True).sum().backward()
+
+    return {name: 1e3 * statistics.median(timed(fn, max(steps, 20), warmup=5))
+            for name, fn in (("enable_gqa", gqa), ("repeat_interleave", repeat))}
+
+
 def report(label: str, r: dict):
     print(f"{label:<28} step {r['step_s'] * 1e3:8.1f} ms (min {r['min_s'] * 1e3:.1f}, max {r['max_s'] * 1e3:.1f})"
           f"  {r['tokens_per_s']:9.0f} tok/s  {r['tflops'] * 1e3:7.1f} GFLOP/s  MFU {100 * r['mfu']:5.1f}%")
@@ -133,23 +151,26 @@ def main():
     run = dict(batch=args.batch_size, seq=args.seq_len, steps=args.steps, warmup=args.warmup)
     report("fp32", bench(config, bf16=False, peak=peak32, **run))
 
+    if args.malloc_heap:
+        keep_freed_memory_in_heap()  # stays on for the runs below
+        report("fp32, malloc heap", bench(config, bf16=False, peak=peak32, **run))
+
+    heap = ", malloc heap" if args.malloc_heap else ""
     if args.compare_gqa:
         saved = model_module._SDPA_HAS_GQA
         model_module._SDPA_HAS_GQA = False  # the fallback path: copy each K/V head for its query group
         try:
-            report("fp32, repeat_interleave K/V", bench(config, bf16=False, peak=peak32, **run))
+            report("fp32, repeat K/V" + heap, bench(config, bf16=False, peak=peak32, **run))
         finally:
             model_module._SDPA_HAS_GQA = saved
-
-    if args.malloc_heap:
-        keep_freed_memory_in_heap()  # stays on for the runs below
-        report("fp32, malloc heap", bench(config, bf16=False, peak=peak32, **run))
+        for label, ms in attention_only(config, args.batch_size, args.seq_len, args.steps).items():
+            print(f"  attention alone, fwd+bwd, {label:<18} {ms:7.2f} ms")
 
     if args.bf16:
         peak16 = matmul_peak(args.peak_size, torch.bfloat16, steps=max(args.steps, 10))
         print(f"bf16 matmul peak ({args.peak_size}^3, median): {peak16 / 1e9:.1f} GFLOP/s")
         r = bench(config, bf16=True, peak=peak16, **run)
-        report("bf16 autocast", r)
+        report("bf16 autocast" + heap, r)
         print(f"{'':<28} (vs fp32 peak: MFU {100 * r['tflops'] * 1e12 / peak32:.1f}%)")
 
 
