@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from convert import hf_config_kwargs, to_hf_state_dict  # the one name/config mapping, shared with the converter
 from model import KVCache, ModelConfig, Transformer, apply_rope, attention_mask, rope_cos_sin
 
 transformers = pytest.importorskip("transformers")
@@ -36,41 +37,6 @@ def build(config: ModelConfig, seed: int = 0, scale: float = 0.0) -> Transformer
 
 
 # ---------------------------------------------------------------- Hugging Face parity
-
-
-_TOP_LEVEL = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-_IN_BLOCK = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
-
-
-def to_hf_state_dict(our_state_dict: dict) -> dict:
-    """Rename our parameters to Hugging Face Llama/Mistral names; the tensors need no change.
-
-    blocks.3.attn.q_proj.weight -> model.layers.3.self_attn.q_proj.weight, embed.weight ->
-    model.embed_tokens.weight, etc. No transpose (both use nn.Linear's (out, in) layout) and no
-    q/k permutation (both use the "split halves" RoPE pairing). With tied embeddings both
-    embed.weight and lm_head.weight appear, holding the same tensor, as in our state dict.
-    (convert.py can reuse this.)
-    """
-    hf = {}
-    for name, tensor in our_state_dict.items():
-        parts = name.split(".")
-        if parts[0] == "blocks":  # blocks.<i>.<submodule>.<rest...>
-            hf_name = ".".join(["model.layers", parts[1], _IN_BLOCK[parts[2]], *parts[3:]])
-        else:
-            hf_name = ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
-        hf[hf_name] = tensor
-    return hf
-
-
-def hf_config_kwargs(c: ModelConfig) -> dict:
-    """The LlamaConfig/MistralConfig arguments that describe the same network as our config."""
-    return dict(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=c.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
-    )
 
 
 def hf_copy(model: Transformer, hf_class, **config_kwargs):

@@ -1,0 +1,278 @@
+"""Tests for convert.py: our checkpoints <-> Hugging Face Llama/Mistral folders, proven with transformers itself.
+
+Every model is tiny and random (or the shared 6-step tiny run); nothing is downloaded.
+
+    pytest tests/test_convert.py -q
+"""
+
+import json
+
+import pytest
+import torch
+
+import convert
+import eval_val
+import evaluate_checkpoints
+import infer
+from checkpoint import load_model, model_state_dict, save_checkpoint
+from config import UsageError
+from data import load_tokenizer
+from model import ModelConfig, Transformer
+from conftest import ROOT, run_script
+
+transformers = pytest.importorskip("transformers")
+
+SAMPLE = "The cat sat on the mat. Attention is all you need, isn't it? Caf\u00e9 \u00fcber 42 \U0001F600"
+
+
+def hf_load(folder):
+    """What a user of the exported folder does (eager attention: HF's plain reference path)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def word_tokenizer_folder(folder, n_words=120):
+    """A small local tokenizer folder (word-level, 2 special tokens), as a downloaded model would have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for w in open(ROOT / "data" / "tiny_corpus.txt", encoding="utf-8").read().split() if w.isalpha()})[:n_words]
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "bos_token": "</s>", "unk_token": "<unk>"}))
+    return folder, words
+
+
+def save_tiny_checkpoint(path, tokenizer_spec, seed=0, **model_fields):
+    """A random model written as a checkpoint, with the meta every script reads (as train.py writes it)."""
+    fields = dict(vocab_size=128, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=48,
+                  rope_theta=500.0, norm_eps=1e-6)  # non-default values, so a dropped field would show
+    fields.update(model_fields)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**fields))
+    with torch.no_grad():
+        for p in model.parameters():  # norm gains away from 1, so a swapped norm cannot hide; large enough
+            p.add_(torch.randn_like(p) * 0.3)  # that greedy decoding varies (tied embeddings at init repeat a token)
+    meta = {"kind": "sft", "step": 7, "model_config": vars(model.config).copy(), "tokenizer": tokenizer_spec}
+    save_checkpoint({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "meta": meta}, str(path))
+    return model.eval()
+
+
+def greedy_same_as_infer(hf, ours, prompt_ids, n_new, tokenizer):
+    """transformers.generate(do_sample=False) and infer.py's greedy decoding pick the same tokens; returns them.
+
+    Both stop at the end-of-text token (HF includes it, infer.py does not print it); the padded
+    embedding rows are never chosen (infer.py slices them off, the export's generation_config
+    suppresses them).
+    """
+    out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=False)
+    theirs = out[0, len(prompt_ids):].tolist()
+    if tokenizer.eos_id in theirs:
+        theirs = theirs[:theirs.index(tokenizer.eos_id)]
+    steps = infer.generate(ours, prompt_ids, n_new, {"temperature": 0}, [None], tokenizer.vocab_size)
+    mine = [tokens.item() for tokens, _ in steps]
+    assert mine[:len(theirs)] == theirs
+    assert len(theirs) == n_new or mine[len(theirs)] == tokenizer.eos_id
+    return theirs
+
+
+# ---------------------------------------------------------------- ours -> Hugging Face
+
+
+def test_trained_checkpoint_exports_and_generates_like_infer(tiny_ckpt, tmp_path, capsys):
+    """The shared tiny run -> HF folder: same logits, same tokenizer ids, same greedy text as infer.py.
+
+    Scripts run in-process through their main(argv) (same code path as the command line, no
+    interpreter start-up); test_refusal_is_one_line_and_exit_code_2 runs convert.py as a real process.
+    """
+    out = tmp_path / "hf"
+    assert convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(out)]) == 0
+    hf, hf_tok = hf_load(out)
+    ours, meta = load_model(str(tiny_ckpt))
+    tok = load_tokenizer("gpt2")
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
+    assert hf.config.vocab_size == meta["model_config"]["vocab_size"]  # padded rows kept, like ours
+
+    ids = hf_tok(SAMPLE)["input_ids"]
+    assert ids == tok.encode(SAMPLE)  # no BOS added, same BPE
+    assert hf_tok.decode(ids) == tok.decode(ids) == SAMPLE
+    assert hf_tok.eos_token_id == hf.config.eos_token_id == tok.eos_id
+
+    idx = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx))
+
+    # Greedy decoding: transformers.generate vs infer.py --temperature 0, token for token (within the window).
+    prompt = "Attention is"
+    prompt_ids = tok.encode(prompt)
+    n_new = meta["model_config"]["max_seq_len"] - len(prompt_ids)
+    theirs = greedy_same_as_infer(hf, ours, prompt_ids, n_new, tok)
+    capsys.readouterr()
+    infer.main(["--ckpt", str(tiny_ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(n_new),
+                "--device", "cpu"])
+    assert capsys.readouterr().out.rstrip("\n") == prompt + tok.decode(theirs)  # and the command line prints it
+
+
+@pytest.mark.parametrize("n_kv_heads, tie", [(4, True), (2, True), (1, True), (2, False), (4, False)],
+                         ids=["mha-tied", "gqa-tied", "mqa-tied", "gqa-untied", "mha-untied"])
+def test_export_logits_match(tmp_path, n_kv_heads, tie):
+    """MHA/GQA/MQA, tied and untied: AutoModelForCausalLM on the folder computes our logits and greedy tokens."""
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    ours = save_tiny_checkpoint(tmp_path / "m.ckpt", str(tok_dir), n_kv_heads=n_kv_heads, tie_embeddings=tie)
+    assert convert.main(["to-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    hf, _ = hf_load(tmp_path / "hf")
+    assert hf.config.num_key_value_heads == n_kv_heads and hf.config.tie_word_embeddings == tie
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not tie)  # a tied matrix is stored once
+    idx = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx))
+    generated = greedy_same_as_infer(hf, ours, [5, 9, 3], 40, load_tokenizer(str(tok_dir)))
+    assert len(set(generated)) > 3  # a real sequence, not one token repeated
+
+
+def test_sliding_window_exports_as_mistral(tmp_path):
+    """swa_window = w becomes MistralConfig(sliding_window=w): same logits over several windows."""
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    ours = save_tiny_checkpoint(tmp_path / "m.ckpt", str(tok_dir), swa_window=6)
+    convert.main(["to-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")])
+    hf, _ = hf_load(tmp_path / "hf")
+    assert type(hf).__name__ == "MistralForCausalLM" and hf.config.sliding_window == 6
+    idx = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx))
+
+
+def test_tokenizer_folder_round_trip(tmp_path):
+    """A local tokenizer folder is copied: AutoTokenizer on the export gives data.load_tokenizer's ids."""
+    tok_dir, words = word_tokenizer_folder(tmp_path / "tok")
+    save_tiny_checkpoint(tmp_path / "m.ckpt", str(tok_dir))
+    convert.main(["to-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")])
+    text = " ".join(words[::3]) + " zzz-unknown"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(str(tmp_path / "hf"))
+    assert hf_tok(text)["input_ids"] == ours.encode(text) == load_tokenizer(str(tok_dir)).encode(text)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == 1 and config["rope_theta"] == 500.0 and config["dtype"] == "float32"
+
+
+def test_to_hf_refuses_a_non_empty_folder(tmp_path, tiny_ckpt):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty"):
+        convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "hf")])
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- Hugging Face -> ours
+
+
+def hf_folder(folder, tok_dir, hf_class=transformers.LlamaForCausalLM, safe=True, **config):
+    """A random model saved by transformers itself (save_pretrained), with tokenizer files beside it."""
+    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 300.0})
+    fields.update(config)
+    config_class = transformers.MistralConfig if hf_class is transformers.MistralForCausalLM else transformers.LlamaConfig
+    torch.manual_seed(1)
+    model = hf_class(config_class(**fields)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=safe)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tok_dir / name).read_bytes())
+    return model
+
+
+@pytest.mark.parametrize("tie, safe", [(False, True), (True, True), (False, False)],
+                         ids=["untied-safetensors", "tied-safetensors", "untied-bin"])
+def test_import_llama_logits_match(tmp_path, tie, safe):
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    hf = hf_folder(tmp_path / "hf", tok_dir, safe=safe, tie_word_embeddings=tie)
+    assert convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")]) == 0
+    ours, meta = load_model(str(tmp_path / "m.ckpt"))
+    assert meta["model_config"]["rope_theta"] == 300.0 and meta["model_config"]["tie_embeddings"] == tie
+    idx = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits)
+
+
+def test_import_mistral_sliding_window(tmp_path):
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    hf = hf_folder(tmp_path / "hf", tok_dir, transformers.MistralForCausalLM, sliding_window=5)
+    hf.config._attn_implementation = "eager"
+    convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")])
+    ours, meta = load_model(str(tmp_path / "m.ckpt"))
+    assert meta["model_config"]["swa_window"] == 5
+    idx = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits)
+
+
+def test_export_then_import_gives_back_the_same_weights(tiny_ckpt, tmp_path):
+    convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "hf")])
+    convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back.ckpt")])
+    from checkpoint import load_checkpoint
+
+    before, after = (model_state_dict(load_checkpoint(str(p))) for p in (tiny_ckpt, tmp_path / "back.ckpt"))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_imported_checkpoint_works_in_every_script(tmp_path, capsys):
+    """infer.py, eval_val.py and evaluate_checkpoints.py take an imported checkpoint like a trained one."""
+    import eval_val
+    import evaluate_checkpoints
+    tok_dir, words = word_tokenizer_folder(tmp_path / "tok")
+    hf_folder(tmp_path / "hf", tok_dir)
+    ckpt = str(tmp_path / "m.ckpt")
+    convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", ckpt, "--max-seq-len", "32"])
+    meta = json.loads((tmp_path / "m.ckpt.json").read_text())  # the sidecar list.py reads
+    assert meta["kind"] == "pretrain" and meta["step"] == 0 and meta["model_config"]["max_seq_len"] == 32
+    assert meta["config"]["data"]["tokenizer_name"] == meta["tokenizer"] == str(tmp_path / "hf")
+    capsys.readouterr()
+    prompt = " ".join(words[:3])
+    infer.main(["--ckpt", ckpt, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith(prompt)
+    assert eval_val.main(["--ckpt", ckpt, "--device", "cpu", "--max-batches", "1"]) == 0
+    assert "val_loss" in capsys.readouterr().out
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(f"- prompt: {words[0]}\n  target: ' {words[1]}'\n")
+    assert evaluate_checkpoints.main(["--checkpoints", ckpt, "--cases", str(cases), "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope scaling"),
+    ({"head_dim": 16}, "head_dim"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "only Llama and Mistral"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
+])
+def test_import_refuses_unsupported_features(tmp_path, change, message):
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    hf_folder(tmp_path / "hf", tok_dir)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=message):
+        convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")])
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_refusal_is_one_line_and_exit_code_2(tmp_path):
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    hf_folder(tmp_path / "hf", tok_dir, attention_bias=True)
+    result = run_script("convert.py", "from-hf", "--model", tmp_path / "hf", "--out", tmp_path / "m.ckpt", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert "attention_bias" in result.stderr and not (tmp_path / "m.ckpt").exists()
