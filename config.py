@@ -54,6 +54,9 @@ class Training:
     micro_batch_size: int = 8  # sequences per forward/backward pass on each device
     grad_accum_steps: int = 1  # micro-batches summed into one optimizer step
     max_steps: int = 1000  # optimizer steps in the whole run
+    # Wall-clock budget in seconds for training (validation included; resumes add up); null = none. The LR
+    # schedule then runs on whichever budget is nearer its end: step / max_steps or elapsed / max_time.
+    max_time: Optional[float] = None
     lr: float = 3e-4  # peak learning rate
     lr_schedule: str = "warmup_cosine"  # warmup_cosine | plateau (warm-up, then constant, cut on plateaus)
     warmup_ratio: float = 0.05  # fraction of max_steps spent warming the LR up linearly from 0
@@ -72,6 +75,7 @@ class Training:
     checkpoint_dir: str = "checkpoints"  # where .ckpt files, metrics.csv and loss_curve.png go
     auto_resume: bool = True  # continue from the newest checkpoint in checkpoint_dir
     reset_lr_on_resume: bool = False  # on resume, restart the LR schedule (warm-up included) from step 0
+    compile: bool = False  # torch.compile the model (compiling takes a while at start-up; see docs/PERFORMANCE.md)
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     reduce_on_plateau: ReduceOnPlateau = field(default_factory=ReduceOnPlateau)
 
@@ -102,6 +106,9 @@ class Data:
     max_doc_len: int = 0  # truncate each document to this many tokens (0 = no limit)
     tokenizer_name: str = "gpt2"  # gpt2 (bundled, offline) | a local tokenizer folder | a Hub name
     offline: bool = False  # never contact the Hub (HF_HUB_OFFLINE=1 does the same)
+    # Token ids of each tokenized corpus part are kept here (keyed by content + tokenizer + data settings),
+    # so the next run on the same data skips tokenizing; null = never cache.
+    cache_dir: Optional[str] = ".cache/tokens"
 
 
 @dataclass
@@ -224,6 +231,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
     if t.precision not in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise UsageError(f"training.precision must be auto, 32, bf16-mixed or 16-mixed, got {t.precision!r}")
+    if t.max_time is not None and not t.max_time > 0:
+        raise UsageError(f"training.max_time must be a positive number of seconds (or null), got {t.max_time}")
     if t.keep_last < 0 or t.grad_clip < 0:
         raise UsageError("training.keep_last and training.grad_clip must be >= 0")
     if cfg.hardware.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):

@@ -312,6 +312,80 @@ def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, max_doc_len: i
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 
+def _content_hash(source: str | None) -> str | None:
+    """sha256 of the bytes of every local file a source names (a file, a folder, a glob); None for a Hub name."""
+    import hashlib
+
+    if not source:
+        return None
+    files = [source] if os.path.isfile(source) else sorted(
+        p for p in glob.glob(os.path.join(source, "**", "*") if os.path.isdir(source) else source, recursive=True)
+        if os.path.isfile(p))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(data, part: str, tokenizer: Tokenizer) -> str:
+    """The name of one tokenized corpus part in data.cache_dir: a hash of everything its token ids depend on.
+
+    That is the text (local files by their content, so a renamed or moved file still hits; Hub datasets by
+    name), every data setting that chooses or cuts documents, which part (train or val), and the tokenizer's
+    full definition (its tokenizer.json, not its name). Change any of them and the key changes.
+    """
+    import dataclasses
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache_dir", "offline", "tokenizer_name")}
+    for name in ("dataset", "val_dataset", "data_files"):
+        settings[name] = _content_hash(settings[name]) or settings[name]
+    tokenizer_hash = hashlib.sha256(f"{tokenizer.backend.to_str()} eos={tokenizer.eos_id}".encode()).hexdigest()
+    record = json.dumps({"format": 1, "part": part, "data": settings, "tokenizer": tokenizer_hash}, sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()[:24]
+
+
+def _write_atomically(path: str, content: bytes) -> None:
+    """Write a temporary file, then rename it: a crash never leaves half a file under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def load_tokens(docs: Iterable[str], tokenizer: Tokenizer, data, part: str) -> torch.Tensor:
+    """tokenize_documents(docs), through the cache in data.cache_dir when it is set.
+
+    `docs` is one part ("train" or "val") of split_documents(data). The first run tokenizes and writes
+    KEY.bin (raw int32 token ids) and KEY.json (what they are); later runs memory-map KEY.bin instead,
+    without reading `docs` at all, so training starts within seconds even on a large corpus.
+    """
+    import sys
+
+    if not data.cache_dir:
+        return tokenize_documents(docs, tokenizer, data.max_doc_len, f"tokenizing {part}")
+    key = cache_key(data, part, tokenizer)
+    path = os.path.join(data.cache_dir, key)
+    if os.path.isfile(path + ".json") and os.path.isfile(path + ".bin"):  # the .json is written last
+        n = os.path.getsize(path + ".bin") // 4
+        print(f"{part} tokens: {n:,} from cache {path}.bin", file=sys.stderr)
+        if n == 0:
+            return torch.zeros(0, dtype=torch.int32)
+        return torch.from_file(path + ".bin", shared=False, size=n, dtype=torch.int32)  # mapped, copy-on-write
+    tokens = tokenize_documents(docs, tokenizer, data.max_doc_len, f"tokenizing {part}")
+    os.makedirs(data.cache_dir, exist_ok=True)
+    about = {"part": part, "tokens": len(tokens), "dataset": data.dataset, "val_dataset": data.val_dataset,
+             "tokenizer": tokenizer.spec}
+    _write_atomically(path + ".bin", tokens.numpy().tobytes())
+    _write_atomically(path + ".json", json.dumps(about, indent=1).encode())
+    print(f"{part} tokens: {len(tokens):,} tokenized and cached in {path}.bin", file=sys.stderr)
+    return tokens
+
+
 class PackedWindows(Dataset):
     """Window i = tokens[i*seq_len : i*seq_len + seq_len + 1]; returns (x, y) with y = x shifted left by one.
 
