@@ -13,6 +13,7 @@ import torch
 import convert
 import eval_val
 import evaluate_checkpoints
+import finetune
 import infer
 from checkpoint import load_model, model_state_dict, save_checkpoint
 from config import UsageError
@@ -227,9 +228,7 @@ def test_export_then_import_gives_back_the_same_weights(tiny_ckpt, tmp_path):
 
 
 def test_imported_checkpoint_works_in_every_script(tmp_path, capsys):
-    """infer.py, eval_val.py and evaluate_checkpoints.py take an imported checkpoint like a trained one."""
-    import eval_val
-    import evaluate_checkpoints
+    """infer.py, eval_val.py, evaluate_checkpoints.py and finetune.py take an imported checkpoint like a trained one."""
     tok_dir, words = word_tokenizer_folder(tmp_path / "tok")
     hf_folder(tmp_path / "hf", tok_dir)
     ckpt = str(tmp_path / "m.ckpt")
@@ -246,6 +245,10 @@ def test_imported_checkpoint_works_in_every_script(tmp_path, capsys):
     cases = tmp_path / "cases.yaml"
     cases.write_text(f"- prompt: {words[0]}\n  target: ' {words[1]}'\n")
     assert evaluate_checkpoints.main(["--checkpoints", ckpt, "--cases", str(cases), "--device", "cpu"]) == 0
+    # and as the base of instruction fine-tuning (--dry-run checks base, tokenizer and data, then stops)
+    assert finetune.main(["--config", str(ROOT / "config_finetune_smoke.yaml"), "--dry-run",
+                          "--set", f"finetune.base_checkpoint={ckpt}", "--set", "training.seq_len=32",
+                          "--set", f"training.checkpoint_dir={tmp_path / 'sft'}"]) == 0
 
 
 @pytest.mark.parametrize("change, message", [
