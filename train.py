@@ -376,6 +376,16 @@ class TrainingLog(pl.Callback):
               f"val_ppl {math.exp(min(float(val), 50)):.2f} | val_acc {acc:.3f}", flush=True)
         self.write_row(step=trainer.global_step, epoch=module.epoch, tokens_seen=module.tokens_seen,
                        val_loss=f"{float(val):.5f}", elapsed_s=f"{time.time() - self.start:.1f}", val_acc=f"{acc:.4f}")
+        self.draw_loss_curve(f"{module.kind} loss")  # the last validation comes after the last step: also "at the end"
+
+    def draw_loss_curve(self, title: str) -> None:
+        """loss_curve.png next to metrics.csv (plots.py). A failed picture must never stop a training run."""
+        from plots import plot_loss_curve
+
+        try:
+            plot_loss_curve(self.csv_path, os.path.join(os.path.dirname(self.csv_path), "loss_curve.png"), title)
+        except Exception as e:  # noqa: BLE001  (say it, keep training)
+            print(f"warning: could not draw loss_curve.png: {type(e).__name__}: {e}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
