@@ -122,7 +122,7 @@ def generate(model, prompt_ids, max_new_tokens, sampling, generators, vocab_size
         if step == 0 or cache.length == config.max_seq_len:
             cache.length = 0  # (re)fill the cache from the most recent tokens in one forward
             context = ids if ids.shape[1] < config.max_seq_len else ids[:, -keep:]
-            logits = model(context, cache)[:, -1]
+            logits = model(context, cache, last_only=True)[:, -1]
         else:
             logits = model(ids[:, -1:], cache)[:, -1]  # only the newest token: the cache holds the rest
         logits = logits[:, :vocab_size].float()  # (rows, vocab_size)
