@@ -14,9 +14,11 @@ val loss), `final.ckpt` (the end), and `metrics.csv`. Running the same command a
 import argparse
 import csv
 import glob
+import io
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -24,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from checkpoint import META_SUFFIX, load_checkpoint, pick_device, read_meta, save_checkpoint
+from checkpoint import META_SUFFIX, atomic_write, load_checkpoint, pick_device, read_meta, save_checkpoint
 from config import UsageError, load_config, model_config, run_cli
 from data import PackedWindows, ShuffledPasses, StridedSampler, load_tokenizer, split_documents, tokenize_documents
 from model import Transformer
@@ -163,6 +165,7 @@ class LanguageModel(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         meta = checkpoint["meta"]
+        resume_at_step_boundary(checkpoint, meta["step"] * self.cfg.training.grad_accum_steps)
         self.tokens_seen = meta["tokens_seen"]
         self.supervised_seen = meta.get("supervised_seen", meta["tokens_seen"])
         self.last_train_loss, self.last_val_loss = meta["train_loss"], meta["val_loss"]
@@ -176,6 +179,32 @@ class LanguageModel(pl.LightningModule):
         for state in checkpoint.get("lr_schedulers", []):
             state["base_lrs"] = [self.cfg.training.lr] * len(state["base_lrs"])
             state["_last_lr"] = [lr] * len(state["_last_lr"])
+
+
+def resume_at_step_boundary(checkpoint: dict, micro_batches: int) -> None:
+    """Make Lightning resume as if the checkpoint were saved right after optimizer step `meta.step`.
+
+    TextData restarts its sampler at the saved step by itself, so Lightning must not also fast-forward
+    from its own batch counters. Those counters differ with the moment of saving (a periodic save in
+    on_train_batch_end is one batch "unfinished", best.ckpt after validation is not, a Ctrl-C save may
+    fall mid-accumulation or mid-validation), and a mismatch makes Lightning end its epoch early and
+    replay data. Here every checkpoint gets the same state: `micro_batches` (= step x grad_accum_steps)
+    batches fully done, none yet in this run's "epoch" (the sampler holds only the remaining batches),
+    and no validation in progress. Accumulation, which counts this epoch's batches, stays aligned;
+    validation, which counts all batches, keeps its schedule (one due at that very step is skipped).
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops:
+        return
+    batches = loops["epoch_loop.batch_progress"]
+    batches["total"].update(ready=micro_batches, started=micro_batches, processed=micro_batches,
+                            completed=micro_batches)
+    batches["current"].update(ready=0, started=0, processed=0, completed=0)
+    batches["is_last_batch"] = False
+    for counters in loops["epoch_loop.val_loop.batch_progress"].values():
+        if isinstance(counters, dict):  # not mid-validation: every started batch counts as completed
+            n = counters["completed"]
+            counters.update(ready=n, started=n, processed=n)
 
 
 class TextData(pl.LightningDataModule):
@@ -243,6 +272,7 @@ class Checkpoints(pl.Callback):
     def __init__(self, t):
         self.t, self.folder = t, t.checkpoint_dir
         self.best = math.inf
+        self.counts_at_step = None  # (tokens_seen, supervised_seen) at the last optimizer step
 
     def save(self, trainer, name: str) -> str:
         path = os.path.join(self.folder, name)
@@ -251,9 +281,15 @@ class Checkpoints(pl.Callback):
             link_atomically(path, os.path.join(self.folder, "last.ckpt"))
         return path
 
+    def on_train_start(self, trainer, module):
+        self.counts_at_step = (module.tokens_seen, module.supervised_seen)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % self.t.grad_accum_steps or trainer.global_step % self.t.save_every:
-            return  # not the end of an optimizer step, or not a saving step
+        if (batch_idx + 1) % self.t.grad_accum_steps:
+            return  # not the end of an optimizer step
+        self.counts_at_step = (module.tokens_seen, module.supervised_seen)  # what an interrupted save records
+        if trainer.global_step % self.t.save_every:
+            return
         self.save(trainer, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
         if trainer.is_global_zero and self.t.keep_last:
             for old in periodic_checkpoints(self.folder)[:-self.t.keep_last]:
@@ -269,6 +305,35 @@ class Checkpoints(pl.Callback):
         if float(val) < self.best:
             self.best = float(val)
             trainer.save_checkpoint(os.path.join(self.folder, "best.ckpt"), weights_only=False)
+
+    def on_exception(self, trainer, module, exception):
+        """Ctrl-C: save where training stands (rank 0 only, no collective call) and say how to resume.
+
+        Lightning calls this before it exits. A checkpoint taken in the middle of gradient accumulation
+        holds the weights of the last optimizer step: the half-accumulated gradients are dropped, the
+        resumed run redoes that step from its first micro-batch (the sampler starts at global_step), and
+        the token counters are rolled back to that step so they are not counted twice.
+        """
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        if trainer.global_step == 0 or trainer.strategy.__class__.__name__.startswith("FSDP"):
+            print("interrupted before a checkpoint could be saved here; run the same command to resume from "
+                  "the newest checkpoint (if any)", file=sys.stderr, flush=True)
+            return
+        if self.counts_at_step:
+            module.tokens_seen, module.supervised_seen = self.counts_at_step
+        path = os.path.join(self.folder, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+        # trainer.save_checkpoint would wait at a barrier for the other ranks, which may be gone already.
+        save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path)
+        link_atomically(path, os.path.join(self.folder, "last.ckpt"))
+        print(f"interrupted at step {trainer.global_step}: saved {path}; to resume, run the same command again: "
+              f"python {shlex.join(sys.argv)}", file=sys.stderr, flush=True)
+
+    def state_dict(self):
+        return {"best": self.best}  # so that a resumed run replaces best.ckpt only with a better one
+
+    def load_state_dict(self, state):
+        self.best = state["best"]
 
 
 class Plateau(pl.Callback):
@@ -338,18 +403,33 @@ class TrainingLog(pl.Callback):
             writer.writerow({k: row.get(k, "") for k in self.FIELDS})
 
     def on_train_start(self, trainer, module):
+        if trainer.is_global_zero and os.path.exists(self.csv_path):
+            self.drop_rows_after(trainer.global_step)
         self.start = self.window_start = time.time()
         self.window_tokens, self.start_step = module.tokens_seen, trainer.global_step
         self.window_supervised = module.supervised_seen
 
+    def drop_rows_after(self, step: int) -> None:
+        """On resume, forget what an interrupted run logged after its checkpoint: those steps run again."""
+        with open(self.csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.csv_path, lambda f: f.write(text.getvalue().encode()))
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if outputs:  # None when training_step skipped the batch
-            self.losses.append(float(outputs["loss"]))
+            # Lightning hands back the loss divided by accumulate_grad_batches (what backward saw): undo that.
+            self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
         step = trainer.global_step
         if (batch_idx + 1) % self.t.grad_accum_steps or step % self.t.log_every and step != self.t.max_steps:
             return
         now = time.time()
         loss = sum(self.losses) / len(self.losses) if self.losses else math.nan
+        if trainer.world_size > 1:  # every rank gets here at the same step: report the whole global batch's loss
+            loss = float(trainer.strategy.reduce(torch.tensor(loss, device=module.device), reduce_op="mean"))
         tok_s = (module.tokens_seen - self.window_tokens) / max(now - self.window_start, 1e-9)
         sup_s = (module.supervised_seen - self.window_supervised) / max(now - self.window_start, 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak_flops / trainer.world_size

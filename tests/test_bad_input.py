@@ -1,0 +1,183 @@
+"""Bad input, table-driven: every script answers a mistake with ONE line naming the problem and the fix.
+
+Each row runs a script's `main(argv)` in this process, wrapped in config.run_cli exactly as
+`python SCRIPT.py ...` does, and checks: exit code 2, stderr is a single `error: ...` line that
+matches the row's pattern (the problem and the fix), no traceback, and no file in the work folder
+created, changed or removed. A few rows also run as real subprocesses to prove the same from the
+outside. docs/TROUBLESHOOTING.md lists these messages.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+import config
+import convert
+import eval_val
+import evaluate_checkpoints
+import finetune
+import infer
+import list as list_script
+import train
+from checkpoint import pick_device, save_checkpoint
+from conftest import ROOT, run_script, write_config
+from model import ModelConfig, Transformer
+
+SCRIPTS = {"train.py": train, "finetune.py": finetune, "infer.py": infer, "eval_val.py": eval_val,
+           "evaluate_checkpoints.py": evaluate_checkpoints, "list.py": list_script, "convert.py": convert}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_ckpt):
+    """A folder of good and bad inputs; rows name files in it as {work}/NAME."""
+    folder = tmp_path_factory.mktemp("bad_input")
+    write_config(folder)  # config.yaml: a good tiny config, checkpoints in {work}/checkpoints
+    (folder / "broken.yaml").write_text("training:\n  lr: [0.1\n")
+    (folder / "empty.txt").write_text("")
+    (folder / "short.txt").write_text("One line.\nAnother line.\nA third one.\n")
+    write_config(folder, {"data": {"dataset": str(folder / "empty.txt"), "val_docs": 0}}, "empty_corpus.yaml")
+    write_config(folder, {"data": {"dataset": str(folder / "short.txt"), "val_docs": 1}}, "short_corpus.yaml")
+    write_config(folder, {"data": {"dataset": str(folder / "missing.txt")}}, "missing_data.yaml")
+    write_config(folder, {"data": {"dataset": "nobody-has/this-dataset", "offline": True}}, "hub_offline.yaml")
+    write_config(folder, {"training": {"lrr": 0.1}}, "unknown_key.yaml")
+    write_config(folder, {"training": {"max_steps": "ten"}}, "wrong_type.yaml")
+    shutil.copy(tiny_ckpt, folder / "model.ckpt")
+    (folder / "truncated.ckpt").write_bytes((folder / "model.ckpt").read_bytes()[:4096])
+    (folder / "notes.ckpt").write_text("these are my notes, not a checkpoint\n")
+    torch.save({"weights": torch.zeros(2)}, folder / "foreign.ckpt")  # a valid torch file, not ours
+    small = ModelConfig(vocab_size=256, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16)
+    state = {f"model.{k}": v for k, v in Transformer(small).state_dict().items()}
+    save_checkpoint({"state_dict": state, "meta": {"kind": "pretrain", "step": 1, "model_config": vars(small),
+                                                   "tokenizer": "gpt2", "config": {}}}, str(folder / "small_vocab.ckpt"))
+    (folder / "cases_mapping.yaml").write_text("prompt: The capital of France is\ntarget: ' Paris'\n")
+    (folder / "cases_unknown.yaml").write_text("- prompt: Hello\n  answer: ' world'\n")
+    (folder / "no_output.jsonl").write_text("\n".join(json.dumps({"instruction": f"Say {i}", "output": str(i)})
+                                                      for i in range(5)) + '\n{"instruction": "Say hi"}\n')
+    (folder / "sft.yaml").write_text(
+        f"finetune:\n  base_checkpoint: {folder / 'model.ckpt'}\n"
+        f"training:\n  seq_len: 32\n  checkpoint_dir: {folder / 'sft'}\n"
+        f"data:\n  dataset: {folder / 'no_output.jsonl'}\n  val_docs: 2\n")
+    (folder / "sft_no_base.yaml").write_text(f"finetune:\n  base_checkpoint: {folder / 'nothing.ckpt'}\n")
+    (folder / "hf_out").mkdir()
+    (folder / "hf_out" / "config.json").write_text("{}")
+    return folder
+
+
+# (script, arguments, pattern the one stderr line must match: the problem ... the fix)
+ROWS = [
+    ("train.py", "--config {work}/nope.yaml", r"config file not found: .*nope\.yaml \(pass --config with an existing"),
+    ("train.py", "--config {work}/broken.yaml", r"YAML syntax error in .*broken\.yaml at line 3"),
+    ("train.py", "--config {work}/unknown_key.yaml", r"unknown config key 'training\.lrr' \(did you mean 'lr'\?\)"),
+    ("train.py", "--config {work}/wrong_type.yaml", r"training\.max_steps must be int, got 'ten'"),
+    ("train.py", "--config {work}/config.yaml --set training.lr", r"--set expects section\.key=value"),
+    ("train.py", "--config {work}/config.yaml --set model.d_model=30", r"model\.d_model \(30\) must be divisible by model\.n_heads \(4\)"),
+    ("train.py", "--config {work}/config.yaml --set model.n_kv_heads=3", r"model\.n_heads \(4\) must be divisible by model\.n_kv_heads \(3\)"),
+    ("train.py", "--config {work}/config.yaml --set training.seq_len=64",
+     r"training\.seq_len \(64\) exceeds model\.max_seq_len \(32\): lower seq_len or raise max_seq_len"),
+    ("train.py", "--config {work}/empty_corpus.yaml", r"no .*text|empty|has 0 documents"),
+    ("train.py", "--config {work}/short_corpus.yaml", r"fewer than seq_len\+1 = 33 tokens: add text, lower training\.seq_len"),
+    ("train.py", "--config {work}/missing_data.yaml", r"dataset file not found: .*missing\.txt \(check data\.dataset\)"),
+    ("train.py", "--config {work}/hub_offline.yaml",
+     r"nobody-has/this-dataset.*(offline|cache|local file|data\.dataset)"),
+    ("train.py", "--config {work}/config.yaml --set hardware.accelerator=tpu",
+     r"hardware\.accelerator must be auto, cpu, cuda or mps, got 'tpu'"),
+    ("infer.py", "--ckpt {work}/nothing.ckpt --prompt Hi", r"checkpoint not found: .*nothing\.ckpt \(train one first"),
+    ("infer.py", "--ckpt {work}/truncated.ckpt --prompt Hi", r"truncated.ckpt is not a readable checkpoint .*pick another"),
+    ("infer.py", "--ckpt {work}/notes.ckpt --prompt Hi", r"notes.ckpt is not a readable checkpoint .*pick another"),
+    ("infer.py", "--ckpt {work}/foreign.ckpt --prompt Hi", r"not a Tiny Transformer checkpoint .*use a \.ckpt written by"),
+    ("infer.py", "--ckpt {work}/small_vocab.ckpt --prompt Hi",
+     r"tokenizer 'gpt2' has 50257 tokens but the checkpoint's model has only 256: use --tokenizer auto"),
+    ("infer.py", "--ckpt {work}/model.ckpt --prompt Hi --temperature -1", r"--temperature must be >= 0"),
+    ("infer.py", "--ckpt {work}/model.ckpt --prompt Hi --top-p 0", r"--top-p must be in \(0, 1\]"),
+    ("infer.py", "--ckpt {work}/model.ckpt --prompt Hi --device cuda",
+     r"device cuda is not available on this machine: use --device auto or cpu"),
+    ("infer.py", "--ckpt {work}/model.ckpt", r"pass --prompt TEXT"),
+    ("eval_val.py", "--ckpt {work}/truncated.ckpt", r"not a readable checkpoint"),
+    ("eval_val.py", "--ckpt {work}/model.ckpt --set training.lrr=1", r"unknown config key 'training\.lrr'"),
+    ("evaluate_checkpoints.py", "--checkpoints {work}/model.ckpt --cases {work}/cases_mapping.yaml",
+     r"case file .*cases_mapping\.yaml must be a non-empty list of \{name, prompt, target\} entries"),
+    ("evaluate_checkpoints.py", "--checkpoints {work}/model.ckpt --cases {work}/cases_unknown.yaml",
+     r"entry 1 has unknown key\(s\) answer \(allowed: name, prompt, target\)"),
+    ("evaluate_checkpoints.py", "--checkpoints {work}/none*.ckpt --cases cases/tiny_corpus.yaml",
+     r"no checkpoint matches .*train one first"),
+    ("finetune.py", "--config {work}/sft.yaml", r"no_output\.jsonl:6: record has no 'output' \(each record needs"),
+    ("finetune.py", "--config {work}/sft_no_base.yaml", r"base checkpoint not found: .*make it with `python train\.py"),
+    ("list.py", "--dir {work}/no_such_folder", r"checkpoint folder not found: .*\(train first, or pass --dir"),
+    ("convert.py", "to-hf --ckpt {work}/model.ckpt --out {work}/hf_out",
+     r"--out .*hf_out exists and is not empty: pick a new folder or pass --overwrite"),
+    ("convert.py", "from-hf --model {work}/no_model --out {work}/imported.ckpt",
+     r"--model .* is not a folder: download the model first"),
+    ("convert.py", "from-hf --model {work}/hf_out --out {work}/model.ckpt",
+     r"--out .*model\.ckpt exists: pick a new name or pass --overwrite"),
+]
+
+
+PROGRESS = re.compile(r"^(train|val) tokens: [\d,]+ (tokenized and cached in|from cache) ")  # data.py's cache notes
+
+
+def snapshot(folder) -> dict:
+    """Path -> content hash of every file under folder: a row must leave this unchanged."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    def main():
+        return SCRIPTS[script].main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        config.run_cli(main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda rows expect a machine without a GPU")
+@pytest.mark.parametrize("script, args, pattern", ROWS, ids=[f"{r[0]} {r[1]}" for r in ROWS])
+def test_bad_input_gives_one_line_and_exit_2(work, capsys, script, args, pattern):
+    before = snapshot(work)
+    code, err = run_in_process(script, args.format(work=work).split(), capsys)
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert snapshot(work) == before  # nothing written, changed or deleted
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train.py", "--config {work}/unknown_key.yaml"),
+    ("infer.py", "--ckpt {work}/truncated.ckpt --prompt Hi"),
+    ("evaluate_checkpoints.py", "--checkpoints {work}/model.ckpt --cases {work}/cases_mapping.yaml"),
+])
+def test_real_processes_exit_2_without_a_traceback(work, script, args):
+    before = snapshot(work)
+    result = run_script(script, *args.format(work=work).split(), check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if not PROGRESS.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert snapshot(work) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_training_asked_for_cuda_without_a_gpu_falls_back_with_a_warning(capsys):
+    """train.py is lenient (hardware.accelerator: cuda runs on the CPU, saying so); infer.py's --device is strict."""
+    assert pick_device("cuda", strict=False) == torch.device("cpu")
+    assert "warning: cuda is not available on this machine; using cpu instead" in capsys.readouterr().out
+    with pytest.raises(config.UsageError, match="device cuda is not available"):
+        pick_device("cuda", strict=True)
+
+
+def test_every_message_is_documented():
+    """Each row's script has its messages in docs/TROUBLESHOOTING.md (by a distinctive fragment)."""
+    text = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
+    for fragment in ["config file not found", "YAML syntax error", "unknown config key", "must be int",
+                     "must be divisible by model.n_heads", "must be divisible by model.n_kv_heads", "exceeds model.max_seq_len",
+                     "fewer than seq_len+1", "dataset file not found", "checkpoint not found",
+                     "is not a readable checkpoint", "not a Tiny Transformer checkpoint",
+                     "refusing to load it", "tokens but the checkpoint's model has only", "--temperature must be",
+                     "--top-p must be in", "is not available on this machine", "must be a non-empty list",
+                     "record has no 'output'", "base checkpoint not found", "checkpoint folder not found",
+                     "exists and is not empty"]:
+        assert fragment in text, fragment

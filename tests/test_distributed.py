@@ -1,0 +1,104 @@
+"""Real DDP on CPU: two processes (hardware.accelerator cpu, devices 2, strategy ddp) through Lightning.
+
+One run of 4 steps, then the same folder resumed to 8 steps, compared with a single process
+that trains the same global batch (micro_batch_size doubled): the ranks see disjoint halves of
+exactly the single process's batches, the losses and weights agree, checkpoints are written once.
+Batches are recorded by a small wrapper script (Lightning starts rank 1 by re-running the command,
+so the recording must live in the script it runs, not in this process).
+"""
+
+import csv
+import json
+
+import torch
+
+import train
+from checkpoint import load_checkpoint, model_state_dict, read_meta
+from conftest import ROOT, run_script, write_config
+
+RECORDER = f'''
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import config, train
+
+def record_batches(original):
+    """Wrap LanguageModel.training_step: append (rank, step, first tokens of each row) to batches.jsonl."""
+    def training_step(self, batch, batch_idx):
+        rows = [row[:8].tolist() for row in batch[0]]
+        with open(sys.argv[-1], "a") as f:
+            f.write(json.dumps({{"rank": self.global_rank, "step": self.global_step, "rows": rows}}) + "\\n")
+        return original(self, batch, batch_idx)
+    return training_step
+
+train.LanguageModel.training_step = record_batches(train.LanguageModel.training_step)
+config.run_cli(lambda: train.main(sys.argv[1:-1]))
+'''
+
+
+def read_batches(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def metrics(folder, column) -> dict:
+    with open(folder / "metrics.csv") as f:
+        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
+
+
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    settings = {"training": {"max_steps": 4, "save_every": 2, "val_every": 2, "log_every": 1, "keep_last": 0}}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+
+    # One process, micro_batch_size 8: the global batch is 8 sequences.
+    single_config = write_config(single, {**settings, "training": {**settings["training"], "micro_batch_size": 8}})
+    single_batches = []
+    original = train.LanguageModel.training_step
+
+    def recording(self, batch, batch_idx):
+        single_batches.append({"step": self.global_step, "rows": [row[:8].tolist() for row in batch[0]]})
+        return original(self, batch, batch_idx)
+    monkeypatch.setattr(train.LanguageModel, "training_step", recording)
+    assert train.main(["--config", str(single_config)]) == 0
+    assert train.main(["--config", str(single_config), "--set", "training.max_steps=8"]) == 0  # resume 4 -> 8
+
+    # Two processes, micro_batch_size 4 each: 4 x 2 ranks = the same 8 sequences per step.
+    (tmp_path / "record.py").write_text(RECORDER)
+    ddp_config = write_config(ddp, {**settings, "hardware": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
+    log = tmp_path / "batches.jsonl"
+    first = run_script(tmp_path / "record.py", "--config", ddp_config, log)
+    assert "device: cpu x 2" in first.stdout and "32 tokens x 1 accum x 2 devices" in first.stdout
+    assert first.stdout.count("done:") == 1  # rank 0 reports, once
+    resumed = run_script(tmp_path / "record.py", "--config", ddp_config, "--set", "training.max_steps=8", log)
+    assert "resuming from" in resumed.stdout
+
+    # The two ranks split every step's global batch into disjoint halves of the single process's batch.
+    ddp_batches = read_batches(log)
+    for step in range(8):
+        rank0 = [r for b in ddp_batches if b["step"] == step and b["rank"] == 0 for r in b["rows"]]
+        rank1 = [r for b in ddp_batches if b["step"] == step and b["rank"] == 1 for r in b["rows"]]
+        expected = [r for b in single_batches if b["step"] == step for r in b["rows"]]
+        assert len(rank0) == len(rank1) == 4
+        assert sorted(rank0 + rank1) == sorted(expected), f"step {step}"
+        assert rank0 == expected[0::2] and rank1 == expected[1::2]  # strided: rank r takes samples r, r+2, ...
+
+    # Losses (train: averaged over both ranks; val: token-weighted over both ranks) and weights agree.
+    for column in ("train_loss", "val_loss"):
+        ours, reference = metrics(ddp / "checkpoints", column), metrics(single / "checkpoints", column)
+        assert ours.keys() == reference.keys() and ours
+        for step in ours:
+            assert abs(ours[step] - reference[step]) < 2e-4, (column, step, ours[step], reference[step])
+    final = load_checkpoint(str(ddp / "checkpoints" / "final.ckpt"))
+    expected = model_state_dict(load_checkpoint(str(single / "checkpoints" / "final.ckpt")))
+    for name, tensor in model_state_dict(final).items():
+        assert (tensor - expected[name]).abs().max() < 1e-4, (name, (tensor - expected[name]).abs().max())
+    assert final["meta"]["tokens_seen"] == read_meta(str(single / "checkpoints" / "final.ckpt"))["tokens_seen"]
+
+    # Checkpoints written once, by rank 0: the expected names, no leftovers, every one loads.
+    files = sorted(p.name for p in (ddp / "checkpoints").iterdir() if p.suffix == ".ckpt")
+    periodic = [name for name in files if name.startswith("epoch=")]
+    assert [int(name.split("step=")[1].split(".")[0]) for name in periodic] == [2, 4, 6, 8], files  # once each
+    assert sorted(set(files) - set(periodic)) == ["best.ckpt", "final.ckpt", "last.ckpt"]
+    assert not list((ddp / "checkpoints").glob("*.tmp*"))
+    for name in files:
+        assert load_checkpoint(str(ddp / "checkpoints" / name))["meta"]["kind"] == "pretrain"

@@ -1,0 +1,187 @@
+"""Faults: kill -9 at arbitrary moments, Ctrl-C, and what is on disk afterwards.
+
+The promise tested here: run the same command again after any interruption and training finishes
+with exactly the weights and the loss curve of a run that was never interrupted (fp32, fixed seed),
+and no file named *.ckpt is ever truncated. (tests/test_train.py covers an in-process crash, the
+non-finite-loss stop and keep_last; this file uses real processes and real signals.)
+"""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import train
+from checkpoint import load_checkpoint, model_state_dict, read_meta
+from conftest import ROOT, write_config
+
+
+def start_training(config, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", "--config", str(config), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=120.0, poll=0.001):
+    """Poll until condition() is true; fail if the process ends first."""
+    end = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (exit {proc.returncode}) before the moment to interrupt it:\n"
+                                 + proc.stderr.read()[-3000:])
+        if time.time() > end:
+            proc.kill()
+            raise AssertionError("timed out waiting for the moment to interrupt training")
+        time.sleep(poll)
+
+
+def kill_9(proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close(), proc.stderr.close()
+
+
+def every_ckpt_loads(folder) -> list[str]:
+    """Load every *.ckpt (not *.ckpt.tmpPID leftovers): none may be truncated. Returns their names."""
+    names = sorted(p.name for p in folder.glob("*.ckpt"))
+    for name in names:
+        assert "state_dict" in load_checkpoint(str(folder / name)), name
+    return names
+
+
+def final_weights(folder):
+    return model_state_dict(load_checkpoint(str(folder / "final.ckpt")))
+
+
+def train_losses(folder) -> dict:
+    with open(folder / "metrics.csv") as f:
+        return {int(r["step"]): r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]}
+
+
+SETTINGS = {"training": {"max_steps": 30, "save_every": 3, "log_every": 1, "val_every": 10, "keep_last": 2}}
+
+
+def test_kill_9_twice_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    reference = start_training(write_config(straight, SETTINGS))  # runs meanwhile, never interrupted
+    config = write_config(killed, SETTINGS)
+    ckpts = killed / "checkpoints"
+
+    # Kill 1: as soon as the step-6 checkpoint exists (training has moved on by an unknown amount).
+    proc = start_training(config)
+    wait_for(lambda: (ckpts / "epoch=0-step=6.ckpt").exists(), proc)
+    kill_9(proc)
+    every_ckpt_loads(ckpts)
+    # Kill 2: the same command resumes; kill it after step 12, the moment a checkpoint is being written
+    # (a .tmp exists), or at step 21 if polling never catches one.
+    proc = start_training(config)
+
+    def mid_write():
+        step = read_meta(str(ckpts / "last.ckpt"))["step"]
+        return step >= 12 and any(ckpts.glob("*.tmp*")) or step >= 21
+    wait_for(mid_write, proc)
+    kill_9(proc)
+    names = every_ckpt_loads(ckpts)
+    assert "final.ckpt" not in names
+    # Run 3: the same command again finishes.
+    proc = start_training(config)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resuming from" in out and "done:" in out
+    assert reference.wait(timeout=120) == 0
+    reference.stdout.close(), reference.stderr.close()
+
+    every_ckpt_loads(ckpts)
+    expected = final_weights(straight / "checkpoints")
+    for name, tensor in final_weights(ckpts).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)  # bit for bit
+    # The loss curve: metrics.csv drops rows a killed run logged past its checkpoint, so every step
+    # appears once, with the loss of the uninterrupted run.
+    assert train_losses(ckpts) == train_losses(straight / "checkpoints")
+    assert sorted(train_losses(ckpts)) == list(range(1, 31))
+    periodic = sorted(p.name for p in ckpts.glob("epoch=*.ckpt"))
+    assert periodic == ["epoch=0-step=27.ckpt", "epoch=0-step=30.ckpt"]  # keep_last survived the kills
+
+
+def test_kill_9_during_a_large_checkpoint_write_leaves_only_whole_checkpoints(tmp_path):
+    """A ~150 MB checkpoint (big vocabulary embedding + AdamW state) takes long enough to write that the
+    kill lands mid-write: the partial file is a .tmp, every .ckpt still loads, and the run resumes."""
+    settings = {"model": {"d_model": 256, "n_heads": 4, "n_kv_heads": 2, "d_ff": 256, "n_layers": 1},
+                "training": {"max_steps": 3, "save_every": 1, "val_every": 100, "keep_last": 1}}
+    config = write_config(tmp_path, settings)
+    ckpts = tmp_path / "checkpoints"
+    proc = start_training(config)
+    wait_for(lambda: (ckpts / "epoch=0-step=1.ckpt").exists() and any(ckpts.glob("*.ckpt.tmp*")), proc)
+    kill_9(proc)
+    partial = list(ckpts.glob("*.ckpt.tmp*"))
+    assert partial, "the kill was meant to land while a checkpoint was being written"
+    every_ckpt_loads(ckpts)
+    resume = train.find_resume_checkpoint(str(ckpts), *model_and_tokenizer(config))
+    assert resume is not None and resume[1]["step"] >= 1  # auto-resume picks a whole checkpoint, never the .tmp
+    load_checkpoint(resume[0])  # (that the same command then finishes exactly is the test above)
+
+
+def model_and_tokenizer(config):
+    from config import load_config, model_config
+
+    cfg = load_config(str(config))
+    return model_config(cfg, 50304), "gpt2", "pretrain"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    config = write_config(tmp_path, {"training": {"max_steps": 100000, "log_every": 1, "val_every": 1000,
+                                                  "save_every": 1000, "grad_accum_steps": 2}})
+    proc = start_training(config)
+    wait_for(lambda: (tmp_path / "checkpoints" / "metrics.csv").exists(), proc, poll=0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("interrupted at step"))
+    assert "to resume, run the same command again: python train.py --config" in line
+    step = int(line.split()[3].rstrip(":"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_meta(str(last))["step"] == step >= 1
+    assert read_meta(str(last))["tokens_seen"] == step * 2 * 4 * 32  # counted per finished optimizer step
+    # Resume (a shorter max_steps here only to finish quickly).
+    assert train.main(["--config", str(config), "--set", f"training.max_steps={step + 2}"]) == 0
+    assert read_meta(str(tmp_path / "checkpoints" / "final.ckpt"))["step"] == step + 2
+
+
+def test_ctrl_c_mid_gradient_accumulation_resumes_exactly(tmp_path, monkeypatch):
+    """grad_accum_steps=2: Ctrl-C after an odd micro-batch saves the last optimizer step's weights; the
+    resumed run redoes the half-finished step from its first micro-batch and ends bit-identical."""
+    settings = {"training": {"max_steps": 8, "val_every": 4, "log_every": 1, "grad_accum_steps": 2}}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    assert train.main(["--config", str(write_config(straight, settings))]) == 0
+
+    config = write_config(stopped, settings)
+    interrupt_at_micro_batch = 7  # the first micro-batch of step 4 is done, the second is not
+    calls = []
+    original = train.LanguageModel.training_step
+
+    def interrupted_step(self, batch, batch_idx):
+        calls.append(batch_idx)
+        if len(calls) == interrupt_at_micro_batch:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+        return original(self, batch, batch_idx)
+
+    sigint_handler = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while shutting down
+    with monkeypatch.context() as m:
+        m.setattr(train.LanguageModel, "training_step", interrupted_step)
+        assert train.main(["--config", str(config)]) == 130
+    signal.signal(signal.SIGINT, sigint_handler)
+    done_steps = (interrupt_at_micro_batch - 1) // 2
+    meta = read_meta(str(stopped / "checkpoints" / "last.ckpt"))
+    assert meta["step"] == done_steps and meta["tokens_seen"] == done_steps * 2 * 4 * 32
+    assert train.main(["--config", str(config)]) == 0
+
+    expected = final_weights(straight / "checkpoints")
+    for name, tensor in final_weights(stopped / "checkpoints").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    assert train_losses(stopped / "checkpoints") == train_losses(straight / "checkpoints")
+    assert read_meta(str(stopped / "checkpoints" / "final.ckpt"))["tokens_seen"] == 8 * 2 * 4 * 32
