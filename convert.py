@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from config import UsageError, config_from_dict, run_cli
-from data import load_tokenizer
+from data import load_tokenizer, tokenizer_for_checkpoint
 from model import ModelConfig, Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +151,7 @@ def to_hf(args) -> int:
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
     config = ModelConfig(**meta["model_config"])
-    tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer") or "gpt2")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UsageError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{config.vocab_size} rows: pass the checkpoint's own tokenizer")
+    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
     weights = {}
@@ -339,14 +336,13 @@ def from_hf(args) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Convert checkpoints to/from the Hugging Face Llama format.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     out = sub.add_parser("to-hf", help="our .ckpt -> a Hugging Face model folder",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     out.add_argument("--ckpt", required=True, help="checkpoint written by train.py or finetune.py")
     out.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
-    out.add_argument("--tokenizer", default=None, help="default: the one recorded in the checkpoint")
+    out.add_argument("--tokenizer", default="auto", help="auto = the one recorded in the checkpoint; or gpt2, a folder")
     out.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     inp = sub.add_parser("from-hf", help="a local Hugging Face Llama/Mistral folder -> our .ckpt",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
