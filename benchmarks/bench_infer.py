@@ -12,6 +12,8 @@ vocabulary, random weights - speed does not depend on what the weights say):
   sampling     milliseconds per token spent in process_logits with infer.py's default filters
   first token  wall time from starting `python infer.py` to the first generated character on
                stdout, on the smoke checkpoint (trained here if missing)
+  vs HF        (--vs-transformers) greedy decode tokens/s, batch 1, of infer.generate and of
+               transformers' generate on the same weights, exported with `convert.py to-hf`
 
 Examples (from the repository root; run under the CPU lock when recording numbers):
 
@@ -19,6 +21,7 @@ Examples (from the repository root; run under the CPU lock when recording number
     python benchmarks/bench_infer.py --prompt-tokens 128 --new-tokens 64 --repeats 1   # quick look
     python benchmarks/bench_infer.py --smoke-ckpt checkpoints/final.ckpt               # an existing checkpoint
     python benchmarks/bench_infer.py --skip-first-token --threads 1
+    flock /tmp/cpu.lock python benchmarks/bench_infer.py --vs-transformers --skip-first-token
 """
 
 import argparse
@@ -93,8 +96,44 @@ def bench_sampling(repeats: int) -> dict:
     return {"sampling ms/token (default filters)": median_seconds(hundred_calls, repeats) * 10}
 
 
-# Issue 7 adds the comparison with transformers' generate here, as one more function returning a
-# dict of figures (e.g. bench_hf_generate(model, prompt, new_tokens, repeats)), called from main().
+def bench_hf_generate(model, prompt, new_tokens: int, repeats: int) -> dict:
+    """Greedy decode, batch 1: infer.generate vs transformers' generate on the same weights.
+
+    The model goes through `convert.py to-hf` and comes back through AutoModelForCausalLM, as a
+    user of the export would load it (default attention, its own KV cache). Both produce exactly
+    new_tokens tokens (min_new_tokens keeps generate from stopping at a random end-of-text).
+    """
+    import tempfile
+
+    import transformers
+
+    import convert
+    from checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="bench_hf_") as folder:
+        ckpt, out = os.path.join(folder, "ours.ckpt"), os.path.join(folder, "hf")
+        meta = {"kind": "pretrain", "step": 0, "model_config": vars(model.config).copy(), "tokenizer": "gpt2"}
+        save_checkpoint({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "meta": meta}, ckpt)
+        convert.main(["to-hf", "--ckpt", ckpt, "--out", out])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+
+    def ours():
+        steps = infer.generate(model, prompt[0].tolist(), new_tokens, GREEDY, [torch.Generator()], VOCAB)
+        return [tokens.item() for tokens, _ in steps]
+
+    def theirs():
+        with torch.inference_mode():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return out[0, prompt.shape[1]:].tolist()
+
+    same = sum(a == b for a, b in zip(ours(), theirs()))
+    ours_tps = new_tokens / median_seconds(ours, repeats)
+    theirs_tps = new_tokens / median_seconds(theirs, repeats)
+    return {"decode tokens/s, ours (infer.generate)": ours_tps,
+            f"decode tokens/s, transformers {transformers.__version__}": theirs_tps,
+            "ours / transformers": ours_tps / theirs_tps,
+            f"greedy tokens identical (of {new_tokens})": same}
 
 
 def smoke_checkpoint(path: str) -> str:
@@ -139,6 +178,8 @@ def main() -> None:
     p.add_argument("--smoke-ckpt", default="/tmp/bench_smoke/final.ckpt",
                    help="checkpoint for the first-token timing (trained from config_smoke.yaml if missing)")
     p.add_argument("--skip-first-token", action="store_true")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="also time transformers' generate on the same weights (exported with convert.py)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the in-process figures (0 = torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -155,6 +196,8 @@ def main() -> None:
     results.update(bench_sampling(args.repeats))
     if not args.skip_first_token:
         results.update(bench_first_token(smoke_checkpoint(args.smoke_ckpt), max(args.repeats, 3)))
+    if args.vs_transformers:
+        results.update(bench_hf_generate(model, prompt, args.new_tokens, args.repeats))
     for name, value in results.items():
         print(f"{name:42s} {value:10.2f}")
 
