@@ -112,6 +112,16 @@ class Data:
 
 
 @dataclass
+class Finetune:
+    """Section `finetune` (finetune.py only). The model dims come from the base checkpoint, not from `model:`."""
+
+    base_checkpoint: str = "checkpoints/final.ckpt"  # pretrained weights to start from; they fix the architecture
+    # Examples longer than training.seq_len + 1 tokens are cut: first the input text, then the response
+    # (which then loses its EOS); the instruction and the section headers are never cut. An example whose
+    # instruction alone does not fit is skipped and counted.
+
+
+@dataclass
 class Config:
     model: dict = field(default_factory=dict)  # fields of model.ModelConfig; vocab_size defaults to the tokenizer's
     training: Training = field(default_factory=Training)
@@ -119,7 +129,9 @@ class Config:
     data: Data = field(default_factory=Data)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every section, extra ones (finetune) included, as plain data: what a checkpoint stores."""
+        return {name: dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+                for name, value in vars(self).items()}
 
 
 def _model_fields() -> dict:
@@ -183,6 +195,8 @@ def _build_section(cls, values: dict, prefix: str):
 def config_from_dict(raw: dict, extra_sections: dict | None = None) -> Config:
     """Validate a plain dict (from YAML or a checkpoint) into a Config. `extra_sections` maps name -> dataclass."""
     extra_sections = extra_sections or {}
+    if "finetune" in raw:  # an SFT checkpoint's config must load in every script, not only in finetune.py
+        extra_sections = {"finetune": Finetune, **extra_sections}
     sections = {"model": None, "training": Training, "hardware": Hardware, "data": Data, **extra_sections}
     for name in raw:
         if name not in sections:

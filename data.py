@@ -154,6 +154,9 @@ def _read_text_file(path: str, text_field: str, txt_documents: str) -> Iterator[
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     raise UsageError(f"{path}:{lineno}: not valid JSON (expected one object per line)") from None
+                if text_field is None:  # whole records, with where they came from (finetune.py)
+                    yield f"{path}:{lineno}", record
+                    continue
                 if text_field not in record:
                     raise UsageError(f"{path}:{lineno}: no field {text_field!r} (set data.text_field)")
                 yield record[text_field]
@@ -214,13 +217,19 @@ def _hf_documents(data, source: str, split: str) -> Iterable[str]:
         except (FileNotFoundError, ConnectionError, ValueError) as e:
             raise UsageError(f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0][:160]} "
                              "(check data.dataset/config/split, or use a local file)") from None
+    if data.text_field is None:  # whole rows, with where they came from (finetune.py)
+        return ((f"{source} row {i}", row) for i, row in enumerate(ds))
     if data.text_field not in (ds.column_names or [data.text_field]):
         raise UsageError(f"dataset {source!r} has no column {data.text_field!r} (set data.text_field)")
     return (row[data.text_field] for row in ds)
 
 
 def iter_documents(data, source: str | None = None, split: str | None = None) -> Iterable[str]:
-    """Every document of a source, in order. `data` is the config's `data` section."""
+    """Every document of a source, in order. `data` is the config's `data` section.
+
+    With data.text_field None, JSON records and dataset rows come whole, as (where, record) pairs:
+    where = "file:line" or "dataset row N", so that a bad record can be reported precisely.
+    """
     source = source or data.dataset
     files = None if data.data_files or _is_saved_dataset(source) else _local_files(source)
     if files is not None:

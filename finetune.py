@@ -1,0 +1,311 @@
+"""Instruction fine-tuning (SFT): teach a pretrained checkpoint to answer Alpaca-style instructions.
+
+Examples:
+    python train.py --config config_smoke.yaml                  # the base model: checkpoints/final.ckpt (< 1 min)
+    python finetune.py --config config_finetune_smoke.yaml      # SFT on data/tiny_instructions.jsonl, < 90 s on CPU
+    python finetune.py --config config_finetune_smoke.yaml --dry-run          # check everything, print the plan
+    python finetune.py --config config_finetune_smoke.yaml --show-example 3   # which tokens are trained on?
+    python finetune.py --config config_finetune.yaml            # tatsu-lab/alpaca on top of checkpoints/final.ckpt
+    python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "What is a token?"   # infer.py adds the template
+
+What is trained on: each record {instruction, input (optional), output} becomes
+
+    ### Instruction:\\n{instruction}\\n\\n[### Input:\\n{input}\\n\\n]### Response:\\n   <- prompt: labels -100
+    {output}<|endoftext|>                                                     <- response + EOS: supervised
+
+The template is data.format_instruction, the same function infer.py uses. The model weights and
+architecture come from finetune.base_checkpoint; checkpoints go to training.checkpoint_dir
+(checkpoints/sft by default, never the pretraining folder) and are marked kind "sft".
+Running the same command again resumes, exactly as train.py does.
+"""
+
+import argparse
+import dataclasses
+import os
+
+from checkpoint import load_checkpoint, model_state_dict, pick_device, read_meta
+from config import Finetune, UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
+from data import ShuffledPasses, format_instruction, split_documents, tokenizer_for_checkpoint
+from model import ModelConfig
+
+SFT_CHECKPOINT_DIR = "checkpoints/sft"  # default training.checkpoint_dir here: SFT never mixes with pretraining
+ADJUSTABLE = ("dropout", "gradient_checkpointing")  # model keys an SFT config may change; the rest is the base's
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and base checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def load_finetune_config(path: str, overrides: list[str] | None = None):
+    """load_config with the `finetune` section and checkpoints defaulting to checkpoints/sft."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    training = raw.get("training") or {}
+    raw["training"] = {"checkpoint_dir": SFT_CHECKPOINT_DIR, **training}
+    return config_from_dict(raw, extra_sections={"finetune": Finetune})
+
+
+def read_base(cfg) -> tuple[dict, ModelConfig]:
+    """The base checkpoint's meta (read from its header, no weights) and the ModelConfig SFT will use."""
+    path = cfg.finetune.base_checkpoint
+    if not os.path.isfile(path):
+        raise UsageError(f"base checkpoint not found: {path}; make it with `python train.py --config "
+                         "config_smoke.yaml` (or the config it came from), or set finetune.base_checkpoint")
+    meta = read_meta(path)
+    base = dict(meta["model_config"])
+    for key, value in cfg.model.items():  # the base fixes the architecture; the config may only repeat it
+        if key not in ADJUSTABLE and value is not None and base.get(key) != value:
+            raise UsageError(f"model.{key} is {value} in the config but {base.get(key)} in the base checkpoint "
+                             f"{path}: remove model.{key} (the base checkpoint defines the architecture)")
+    model_cfg = ModelConfig(**{**base, **{k: v for k, v in cfg.model.items() if k in ADJUSTABLE}})
+    if cfg.training.seq_len > model_cfg.max_seq_len:
+        raise UsageError(f"training.seq_len ({cfg.training.seq_len}) exceeds the base model's max_seq_len "
+                         f"({model_cfg.max_seq_len}): set training.seq_len <= {model_cfg.max_seq_len}")
+    same = os.path.abspath(cfg.training.checkpoint_dir) == os.path.dirname(os.path.abspath(path))
+    if same:
+        raise UsageError(f"training.checkpoint_dir {cfg.training.checkpoint_dir} holds the base checkpoint: SFT "
+                         f"checkpoints need their own folder (e.g. {SFT_CHECKPOINT_DIR})")
+    return meta, model_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> examples
+# ---------------------------------------------------------------------------------------------
+
+
+def check_record(item) -> tuple[str, str, str, str]:
+    """(where, instruction, input, output) of one (where, record) pair, or a UsageError naming where."""
+    if not isinstance(item, tuple):  # a .txt file yields plain strings
+        raise UsageError("SFT data must be JSON records (.jsonl/.json or a dataset with instruction/output "
+                         "columns), not plain text: check data.dataset")
+    where, record = item
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: expected a JSON object with 'instruction' and 'output', got {record!r:.60}")
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            problem = "has no" if record.get(key) is None else "has a non-string"
+            raise UsageError(f"{where}: record {problem} {key!r} (each record needs instruction and output, "
+                             "input is optional)")
+    return where, record["instruction"], record.get("input") or "", record["output"]
+
+
+def load_records(data):
+    """(train, val, how): checked records, held out by data.split_documents (the one held-out rule)."""
+    whole_records = dataclasses.replace(data, text_field=None)  # whole records with their file:line
+    train, val, how = split_documents(whole_records)
+    return [check_record(r) for r in train], [check_record(r) for r in val], how
+
+
+def encode_example(tokenizer, instruction: str, input_text: str, output: str, max_tokens: int):
+    """(ids, n_prompt, truncated) for one record, or None when not even one response token fits.
+
+    The prompt is encoded ALONE, exactly as infer.py encodes it, and the response (+ EOS) is encoded
+    separately and appended. Encoding prompt + output as one string can let a tokenizer merge tokens
+    across the boundary (tokenizers that glue a newline or space to the next word do), which would
+    train the model on a prompt ending that inference never produces. With GPT-2's BPE the two ways
+    agree on every bundled record (tests/test_finetune.py checks it); this way is right for any tokenizer.
+
+    Too long (> max_tokens): the input text is trimmed first, then the response (which then has no
+    EOS: it did not end there). The instruction and the headers are never cut.
+    """
+    response = tokenizer.encode(output.strip()) + [tokenizer.eos_id]
+    prompt = tokenizer.encode(format_instruction(instruction, input_text))
+    input_ids = tokenizer.encode(input_text.strip()) if input_text.strip() else []
+    truncated = False
+    while len(prompt) + len(response) > max_tokens and input_ids:
+        excess = len(prompt) + len(response) - max_tokens
+        input_ids = input_ids[:max(0, len(input_ids) - excess)]
+        prompt = tokenizer.encode(format_instruction(instruction, tokenizer.decode(input_ids)))
+        truncated = True
+    if len(prompt) >= max_tokens:
+        return None
+    ids = prompt + response
+    return ids[:max_tokens], len(prompt), truncated or len(ids) > max_tokens
+
+
+def make_sample(ids: list[int], n_prompt: int):
+    """(x, y) for next-token training: y = ids shifted left, -100 where the target is still prompt.
+
+    y[i] is the token after x[i]; the first supervised target is the first response token, predicted
+    from the last prompt token (the newline after "### Response:").
+    """
+    import torch
+
+    tokens = torch.tensor(ids)
+    x, y = tokens[:-1], tokens[1:].clone()
+    y[:n_prompt - 1] = -100
+    return x, y
+
+
+def pad_batch(samples, pad_id: int):
+    """Collate (x, y) pairs of different lengths: pad to the longest in this batch.
+
+    Padding goes on the right with label -100: causal attention never lets a real token see the
+    padding after it, and padded positions are not scored.
+    """
+    import torch
+
+    longest = max(len(x) for x, _ in samples)
+    x = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    y = torch.full((len(samples), longest), -100, dtype=torch.long)
+    for row, (xs, ys) in enumerate(samples):
+        x[row, :len(xs)], y[row, :len(ys)] = xs, ys
+    return x, y
+
+
+def build_examples(records, tokenizer, max_tokens: int):
+    """(samples, stats): (x, y) pairs for the records that fit, and counts for the plan."""
+    samples, stats = [], {"skipped": 0, "truncated": 0, "tokens": 0, "supervised": 0}
+    for where, instruction, input_text, output in records:
+        encoded = encode_example(tokenizer, instruction, input_text, output, max_tokens)
+        if encoded is None:
+            stats["skipped"] += 1
+            continue
+        ids, n_prompt, truncated = encoded
+        stats["truncated"] += truncated
+        stats["tokens"] += len(ids) - 1
+        stats["supervised"] += len(ids) - n_prompt
+        samples.append(make_sample(ids, n_prompt))
+    return samples, stats
+
+
+def padded_tokens_per_epoch(samples, batch_size: int, seed: int) -> int:
+    """Positions computed in one pass (padding included), batching in the training order of epoch 0."""
+    order = ShuffledPasses(samples, seed).order(0).tolist()
+    full_batches = range(0, max(len(order) - batch_size + 1, 1), batch_size)  # training drops the last partial one
+    batches = [order[i:i + batch_size] for i in full_batches]
+    return sum(len(b) * max(len(samples[i][0]) for i in b) for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the learner sees: the plan and one example
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, world_size: int) -> list[str]:
+    t = cfg.training
+    padded = padded_tokens_per_epoch(train, t.micro_batch_size, t.seed)
+    per_step = t.micro_batch_size * t.grad_accum_steps * world_size
+    return [
+        f"base: {cfg.finetune.base_checkpoint} ({base_meta.get('kind')}, step {base_meta.get('step')}; "
+        f"{model_cfg.n_layers} layers, d_model {model_cfg.d_model}, {model_cfg.n_heads} heads / "
+        f"{model_cfg.n_kv_heads} kv heads, max_seq_len {model_cfg.max_seq_len}); tokenizer {tokenizer.spec}",
+        f"data: {len(train):,} train and {len(val):,} val examples ({how}); {stats['truncated']} truncated, "
+        f"{stats['skipped']} skipped (instruction longer than seq_len+1 = {t.seq_len + 1} tokens)",
+        f"tokens: {stats['tokens']:,} train tokens, {stats['supervised']:,} supervised "
+        f"({100 * stats['supervised'] / max(stats['tokens'], 1):.0f}%); per-batch padding adds "
+        f"{100 * (padded / max(stats['tokens'], 1) - 1):.0f}% at micro_batch_size {t.micro_batch_size}",
+        f"batch: {per_step} examples per optimizer step = {t.micro_batch_size} x {t.grad_accum_steps} accum x "
+        f"{world_size} devices; {t.max_steps} steps = {t.max_steps * per_step / max(len(train), 1):.2f} epochs; "
+        f"checkpoints -> {t.checkpoint_dir}",
+    ]
+
+
+def show_example(records, n: int, tokenizer, max_tokens: int, n_train: int) -> None:
+    """Print record n (file order) as the model trains on it, supervised tokens inside [[ ]]."""
+    if not 0 <= n < len(records):
+        raise UsageError(f"--show-example {n}: there are {len(records)} records (0 to {len(records) - 1})")
+    where, instruction, input_text, output = records[n]
+    encoded = encode_example(tokenizer, instruction, input_text, output, max_tokens)
+    role = "training" if n < n_train else "validation"
+    if encoded is None:
+        print(f"example {n} ({where}, {role}) is skipped: its prompt alone exceeds seq_len+1 = {max_tokens} tokens")
+        return
+    ids, n_prompt, truncated = encoded
+    print(f"example {n} ({where}, {role}): {len(ids)} tokens, {len(ids) - n_prompt} supervised"
+          f"{' (truncated)' if truncated else ''}. Trained on = inside [[ ]]; the rest is context (label -100).\n")
+    print(tokenizer.decode(ids[:n_prompt]) + "[[" + tokenizer.decode(ids[n_prompt:]) + "]]\n")
+    pieces = [repr(tokenizer.decode([i])) for i in ids]
+    print("tokens: " + " ".join(p if k < n_prompt else f"[[{p}]]" for k, p in enumerate(pieces)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train_sft(cfg, args, base_meta, model_cfg, tokenizer, train, val, describe) -> int:
+    """Lightning starts here (and only here): resume or load the base weights, then train.py's loop."""
+    import pytorch_lightning as pl
+
+    from train import LanguageModel, TextData, already_done, choose_precision, find_resume_checkpoint, fit_and_save
+
+    t = cfg.training
+    device = pick_device(cfg.hardware.accelerator, strict=False)
+    precision, why = choose_precision(t.precision, device)
+    pl.seed_everything(t.seed, verbose=False)
+    resume = None if args.no_resume or not t.auto_resume else find_resume_checkpoint(
+        t.checkpoint_dir, model_cfg, tokenizer.spec, "sft")
+    if already_done(resume, t):
+        return 0
+    os.makedirs(t.checkpoint_dir, exist_ok=True)
+    module = LanguageModel(cfg, model_cfg, tokenizer.spec, kind="sft")
+    if not resume:  # the base weights; a resumed run gets its own from the SFT checkpoint instead
+        module.model.load_state_dict(model_state_dict(load_checkpoint(cfg.finetune.base_checkpoint)))
+    module.tokens_per_epoch = padded_tokens_per_epoch(train, t.micro_batch_size, t.seed)
+    collate = PadWith(tokenizer.eos_id)
+    data = TextData(train, val, t, cfg.hardware.num_workers, resume[1]["step"] if resume else 0, collate_fn=collate)
+
+    def plan(world_size):
+        start = (f"resuming from {resume[0]} at step {resume[1]['step']}" if resume
+                 else f"starting from the base weights of {cfg.finetune.base_checkpoint}")
+        return describe(world_size) + [start]
+
+    final = os.path.join(t.checkpoint_dir, "final.ckpt")
+    return fit_and_save(cfg, module, data, device, precision, why, resume, plan,
+                        f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
+
+
+class PadWith:
+    """pad_batch with a fixed pad id, as a picklable object (DataLoader workers need to pickle it)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples):
+        return pad_batch(samples, self.pad_id)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config with a finetune: section (see config_finetune.yaml)")
+    parser.add_argument("--dry-run", "--dry_run", action="store_true",
+                        help="check config, data and base checkpoint, print the plan, exit without training")
+    parser.add_argument("--show-example", "--show_example", type=int, metavar="N",
+                        help="print record N (0-based, file order) with its supervised tokens marked, then exit")
+    parser.add_argument("--no_resume", "--no-resume", action="store_true",
+                        help="ignore checkpoints in training.checkpoint_dir and start again from the base")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.max_steps=20 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_finetune_config(args.config, args.set)
+    base_meta, model_cfg = read_base(cfg)
+    tokenizer = tokenizer_for_checkpoint(base_meta, "auto", cfg.data.offline)  # the base's own tokenizer
+    train_records, val_records, how = load_records(cfg.data)
+    max_tokens = cfg.training.seq_len + 1  # seq_len inputs, each with its next-token target
+    if args.show_example is not None:
+        show_example(train_records + val_records, args.show_example, tokenizer, max_tokens, len(train_records))
+        return 0
+    train, stats = build_examples(train_records, tokenizer, max_tokens)
+    val, _ = build_examples(val_records, tokenizer, max_tokens)
+    if not train or not val:
+        raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
+                         "tokens: raise training.seq_len, add records, or adjust data.val_docs")
+
+    def describe(world_size):
+        return plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, world_size)
+
+    if args.dry_run:
+        devices = cfg.hardware.devices if isinstance(cfg.hardware.devices, int) else 1
+        print("\n".join(describe(devices * cfg.hardware.num_nodes)))
+        print("dry run: config, data and base checkpoint are valid; no model was built")
+        return 0
+    return train_sft(cfg, args, base_meta, model_cfg, tokenizer, train, val, describe)
+
+
+if __name__ == "__main__":
+    run_cli(main)
