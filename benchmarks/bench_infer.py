@@ -170,6 +170,11 @@ def bench_first_token(ckpt: str, repeats: int) -> dict:
             "  of which `python -c 'import torch'`, s": median_seconds(python_import_torch, repeats)}
 
 
+def report(figures: dict) -> None:
+    for name, value in figures.items():
+        print(f"{name:42s} {value:10.2f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt-tokens", type=int, default=256)
@@ -190,16 +195,13 @@ def main() -> None:
     print(f"reference model: {model.num_parameters() / 1e6:.1f}M parameters, d_model 256, 4 layers, 8 heads, "
           f"4 KV heads; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    results = {}
-    results.update(bench_prefill(model, prompt, args.repeats))
-    results.update(bench_decode(model, prompt, args.new_tokens, args.repeats))
-    results.update(bench_sampling(args.repeats))
+    report(bench_prefill(model, prompt, args.repeats))
+    report(bench_decode(model, prompt, args.new_tokens, args.repeats))
+    report(bench_sampling(args.repeats))
     if not args.skip_first_token:
-        results.update(bench_first_token(smoke_checkpoint(args.smoke_ckpt), max(args.repeats, 3)))
+        report(bench_first_token(smoke_checkpoint(args.smoke_ckpt), max(args.repeats, 3)))
     if args.vs_transformers:
-        results.update(bench_hf_generate(model, prompt, args.new_tokens, args.repeats))
-    for name, value in results.items():
-        print(f"{name:42s} {value:10.2f}")
+        report(bench_hf_generate(model, prompt, args.new_tokens, args.repeats))
 
 
 if __name__ == "__main__":
