@@ -77,11 +77,12 @@ def test_kill_9_twice_then_the_same_command_finishes_like_an_uninterrupted_run(t
     every_ckpt_loads(ckpts)
     # Kill 2: the same command resumes; kill it after step 12, the moment a checkpoint is being written
     # (a .tmp exists), or at step 21 if polling never catches one.
+    leftovers = set(ckpts.glob("*.tmp*"))  # partial files of kill 1 (they are never read)
     proc = start_training(config)
 
     def mid_write():
         step = read_meta(str(ckpts / "last.ckpt"))["step"]
-        return step >= 12 and any(ckpts.glob("*.tmp*")) or step >= 21
+        return step >= 12 and set(ckpts.glob("*.tmp*")) - leftovers or step >= 21
     wait_for(mid_write, proc)
     kill_9(proc)
     names = every_ckpt_loads(ckpts)
