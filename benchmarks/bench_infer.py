@@ -127,9 +127,15 @@ def bench_hf_generate(model, prompt, new_tokens: int, repeats: int) -> dict:
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         return out[0, prompt.shape[1]:].tolist()
 
-    same = sum(a == b for a, b in zip(ours(), theirs()))
-    ours_tps = new_tokens / median_seconds(ours, repeats)
-    theirs_tps = new_tokens / median_seconds(theirs, repeats)
+    same = sum(a == b for a, b in zip(ours(), theirs()))  # also the warm-up of both
+    seconds = {ours: [], theirs: []}
+    for _ in range(repeats):  # interleaved, so a busy spell on a shared machine slows both alike
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            fn()
+            seconds[fn].append(time.perf_counter() - t0)
+    ours_tps = new_tokens / statistics.median(seconds[ours])
+    theirs_tps = new_tokens / statistics.median(seconds[theirs])
     return {"decode tokens/s, ours (infer.generate)": ours_tps,
             f"decode tokens/s, transformers {transformers.__version__}": theirs_tps,
             "ours / transformers": ours_tps / theirs_tps,
