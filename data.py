@@ -260,10 +260,13 @@ def split_documents(data):
     if data.val_dataset:
         return (_take(iter_documents(data), data.train_docs), iter_documents(data, data.val_dataset),
                 f"validation = all of {data.val_dataset}")
+    local = data.data_files is None and not _is_saved_dataset(data.dataset) and _local_files(data.dataset) is not None
+    if data.val_split and local:
+        raise UsageError(f"data.val_split names a split of a Hugging Face dataset, but {data.dataset} is a local "
+                         "file: hold out documents with data.val_docs, or name a file with data.val_dataset")
     if data.val_split:
         return (_take(iter_documents(data), data.train_docs), _take(iter_documents(data, split=data.val_split), data.val_docs or None),
                 f"validation = split {data.val_split!r}" + (f" (first {data.val_docs} documents)" if data.val_docs else ""))
-    local = data.data_files is None and not _is_saved_dataset(data.dataset) and _local_files(data.dataset) is not None
     if local:
         docs = list(iter_documents(data))
         if len(docs) <= data.val_docs:

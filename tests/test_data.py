@@ -159,6 +159,13 @@ def test_separate_validation_source(tmp_path):
     assert list(train) == ["a", "b"] and list(val) == ["c"]
 
 
+def test_val_split_on_a_local_file_is_refused(tmp_path):
+    """A local file has no splits: silently validating on the training text would overlap it."""
+    path = write_lines(tmp_path / "c.txt", ["a", "b", "c"])
+    with pytest.raises(UsageError, match="data.val_split"):
+        split_documents(Data(dataset=str(path), val_split="validation"))
+
+
 def test_corpus_too_small_for_validation(tmp_path):
     path = write_lines(tmp_path / "c.txt", ["only", "two"])
     with pytest.raises(UsageError, match="val_docs"):
