@@ -9,7 +9,7 @@ Examples (from the repository root, after `python train.py --config config_smoke
     python infer.py --ckpt checkpoints/final.ckpt --prompt "Once" --stop "." --compute-ppl
     python infer.py --ckpt checkpoints/final.ckpt --info-only                                # metadata only
     python infer.py --ckpt checkpoints/final.ckpt --interactive                              # REPL / chat
-    python infer.py --ckpt checkpoints_sft/final.ckpt --prompt "Name three colors."          # SFT: template added
+    python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "Name three colors."          # SFT: template added
 
 How one token is chosen (read `process_logits`, it is the whole story):
   1. the model gives one score (logit) per vocabulary entry for the next position;
@@ -182,10 +182,13 @@ class TextStream:
 
 
 def parse_args(argv=None):
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The docstring's examples as written, and each flag's default."""
+
     p = argparse.ArgumentParser(
-        description="Generate text from a checkpoint (streams tokens as they are produced).",
+        description=__doc__,
         epilog="Every --dashed-flag also accepts its --underscore_spelling (e.g. --max_new_tokens).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=Formatter)
     p.add_argument("--ckpt", default="checkpoints/final.ckpt", help="checkpoint file (.ckpt)")
     p.add_argument("--tokenizer", default="auto",
                    help="auto = the one recorded in the checkpoint; or gpt2, a local folder, a Hub name")

@@ -97,6 +97,9 @@ def plot_checkpoints(rows: list[dict], png: str, title: str = "loss of each chec
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print("usage: python plots.py METRICS_CSV OUTPUT_PNG\n\n" + __doc__)
+        sys.exit(0)
     if len(sys.argv) != 3:
         sys.exit("usage: python plots.py METRICS_CSV OUTPUT_PNG")
     print(plot_loss_curve(sys.argv[1], sys.argv[2]))

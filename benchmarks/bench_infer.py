@@ -182,13 +182,13 @@ def report(figures: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per decode run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure (median reported)")
     p.add_argument("--smoke-ckpt", default="/tmp/bench_smoke/final.ckpt",
                    help="checkpoint for the first-token timing (trained from config_smoke.yaml if missing)")
-    p.add_argument("--skip-first-token", action="store_true")
+    p.add_argument("--skip-first-token", action="store_true", help="skip the time-to-first-token figure (no infer.py run)")
     p.add_argument("--vs-transformers", action="store_true",
                    help="also time transformers' generate on the same weights (exported with convert.py)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the in-process figures (0 = torch's default)")

@@ -1,0 +1,67 @@
+"""Every script explains itself: `--help` exits 0, shows the docstring's example commands, and knows
+every flag those examples use.
+
+    python -m pytest -q tests/test_cli_help.py
+
+The scripts are started all at once (most of the time is importing torch), so the file takes about as
+long as the slowest `--help` (train.py's, which imports Lightning).
+"""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ["train.py", "finetune.py", "infer.py", "evaluate_checkpoints.py", "eval_val.py", "list.py",
+           "convert.py", "train_tokenizer.py", "plots.py", "benchmarks/bench_model.py",
+           "benchmarks/bench_infer.py", "benchmarks/shakespeare.py"]
+SUBCOMMANDS = {"convert.py": ["to-hf", "from-hf"]}
+
+
+def docstring(script: str) -> str:
+    text = (ROOT / script).read_text()
+    return re.match(r'\s*"""(.*?)"""', text, re.S).group(1)
+
+
+def example_lines(script: str) -> list[str]:
+    """Docstring lines that run this script: `python SCRIPT ...`, comments cut off."""
+    name = re.escape(script)
+    return [line.split("  #")[0].strip() for line in docstring(script).splitlines()
+            if re.search(rf"python (\S*/)?{name}\b", line) or re.search(rf"python {re.escape(script.split('/')[-1])}\b", line)]
+
+
+@pytest.fixture(scope="module")
+def help_texts() -> dict:
+    """script -> its --help output (subcommands' help appended), every process started at once."""
+    runs = {}
+    for script in SCRIPTS:
+        for sub in [[]] + [[s] for s in SUBCOMMANDS.get(script, [])]:
+            runs[(script, *sub)] = subprocess.Popen([sys.executable, script, *sub, "--help"], cwd=ROOT,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    texts = {}
+    for (script, *sub), proc in runs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{script} {' '.join(sub)} --help exited {proc.returncode}: {err[-2000:]}"
+        texts[script] = texts.get(script, "") + out
+    return texts
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_docstring_examples_and_their_flags(script, help_texts):
+    examples = example_lines(script)
+    assert examples, f"{script}'s docstring has no runnable example command (`python {script} ...`)"
+    text = help_texts[script]
+    assert "usage:" in text
+    assert examples[0].split(" #")[0] in text, f"{script} --help does not show its docstring examples"
+    for line in examples:
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line):
+            assert flag in text, f"{script}: the example `{line}` uses {flag}, which --help does not list"
+
+
+def test_every_script_has_a_help_entry():
+    on_disk = {p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]}
+    libraries = {"model.py", "data.py", "config.py", "checkpoint.py"}  # imported, never run
+    assert sorted(on_disk - libraries - set(SCRIPTS)) == [], "a runnable script is missing from SCRIPTS"
