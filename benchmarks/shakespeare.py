@@ -34,6 +34,9 @@ CONFIG = os.path.join(ROOT, "benchmarks", "shakespeare.yaml")
 # Seconds of the budget not given to training.max_time: train.py's start-up (imports, tokenizer, peak
 # measurement), its final checkpoint, and the scoring here. Measured on the 2-core CPU (docs/PERFORMANCE.md).
 RESERVE_S = 24.0
+# OpenMP threads that sleep instead of spinning while they wait: on a shared 2-core machine a spinning
+# thread steals the core another process needs, and a step then costs up to 10x more (docs/PERFORMANCE.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads here; train.py inherits it
 
 
 def split_corpus(corpus: str, folder: str) -> tuple[str, str]:
@@ -67,11 +70,12 @@ def commands(train_txt: str, val_txt: str, folder: str, vocab_size: int, max_tim
     return tokenizer, train
 
 
-def run(command: list[str], log) -> None:
+def run(command: list[str], log, start: float) -> None:
     """Run a step, its output into the log file; on failure, show the log's end and stop."""
-    log.write(f"$ {' '.join(command)}\n")
+    log.write(f"[{time.time() - start:.1f} s] $ {' '.join(command)}\n")
     log.flush()
     result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log.write(f"[{time.time() - start:.1f} s] {os.path.basename(command[1])} done\n")
     if result.returncode != 0:
         log.flush()
         with open(log.name, encoding="utf-8", errors="replace") as f:
@@ -129,13 +133,13 @@ def main(argv=None):
         with open(os.path.join(folder, "log.txt"), "w", encoding="utf-8") as log:
             train_txt, val_txt = split_corpus(args.corpus, folder)
             tokenizer_cmd, _ = commands(train_txt, val_txt, folder, args.vocab_size, 1.0, args.set)
-            run(tokenizer_cmd, log)
+            run(tokenizer_cmd, log, start)
             max_time = args.budget_s - (time.time() - start) - args.reserve_s
             if max_time <= 0:
                 raise UsageError(f"--budget-s {args.budget_s:g} leaves no time to train after "
                                  f"{time.time() - start:.0f} s of set-up and {args.reserve_s:g} s reserved")
             _, train_cmd = commands(train_txt, val_txt, folder, args.vocab_size, max_time, args.set)
-            run(train_cmd, log)
+            run(train_cmd, log, start)
         line = evaluate_run(folder, val_txt)
         print(f"{line} | wall {time.time() - start:.1f} s (budget {args.budget_s:g} s)", flush=True)
     finally:
