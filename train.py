@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from checkpoint import META_SUFFIX, atomic_write, load_checkpoint, pick_device, read_meta, save_checkpoint
 from config import UsageError, load_config, model_config, run_cli
-from data import PackedWindows, ShuffledPasses, StridedSampler, load_tokenizer, split_documents, tokenize_documents
+from data import PackedWindows, ShuffledPasses, StridedSampler, load_tokenizer, load_tokens, split_documents
 from model import Transformer
 
 import pytorch_lightning as pl  # noqa: E402  (after the light imports: ~5 s)
@@ -45,18 +45,28 @@ warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that end
 # ---------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(step: int, t) -> float:
+def lr_multiplier(step: int, t, elapsed: float = 0.0) -> float:
     """LR at optimizer step `step` as a fraction of training.lr: linear warm-up, then cosine (or flat).
 
     warmup_cosine: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps, then a half cosine down
     to min_lr_ratio at max_steps. plateau: flat after warm-up; reductions come from validation.
+
+    With training.max_time the same shape is laid over the share of the budget used after `elapsed`
+    seconds, p = max((step + 1) / max_steps, elapsed / max_time): warm-up while p < warmup_ratio, then
+    the cosine reaches its floor exactly when time (or steps) run out, however fast the machine is.
     """
-    warmup = int(t.warmup_ratio * t.max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
+    if t.max_time:
+        used = max((step + 1) / t.max_steps, elapsed / t.max_time)
+        if used < t.warmup_ratio:
+            return used / t.warmup_ratio
+        progress = min(1.0, (used - t.warmup_ratio) / (1 - t.warmup_ratio))
+    else:
+        warmup = int(t.warmup_ratio * t.max_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
     if t.lr_schedule == "plateau":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -90,6 +100,11 @@ class LanguageModel(pl.LightningModule):
         self.supervised_seen = 0  # tokens with a label (not -100): all of them in pretraining, the responses in SFT
         self.plateau_scale = 1.0  # LR factor cut by ReduceOnPlateau (lr_schedule: plateau)
         self.schedule_offset = 0  # steps to subtract when the LR schedule restarts on resume
+        # training.max_time: seconds of training before this run (from the checkpoint), the start of this run,
+        # and `clock` = seconds used as of the last optimizer step, the same on every rank (the LR depends on it).
+        self.time_before, self.run_started, self.clock = 0.0, None, 0.0
+        self.peak_flops = None  # measured matmul FLOP/s, set by fit_and_save
+        self.validated_at = None  # global step of the last validation (Lightning also validates when told to stop)
         self.last_train_loss = self.last_val_loss = None
         self.tokens_per_epoch = None  # training tokens in one pass over the data, to report epochs
 
@@ -117,6 +132,9 @@ class LanguageModel(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True)
         return loss
 
+    def on_validation_end(self):
+        self.validated_at = self.global_step
+
     def validation_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
         supervised = y != -100
@@ -132,7 +150,23 @@ class LanguageModel(pl.LightningModule):
     def current_lr_multiplier(self, step: int) -> float:
         t = self.cfg.training
         scale = max(self.plateau_scale, t.reduce_on_plateau.min_lr / t.lr)
-        return lr_multiplier(step - self.schedule_offset, t) * scale
+        return lr_multiplier(step - self.schedule_offset, t, self.clock) * scale
+
+    def on_train_start(self):
+        self.run_started = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier runs of a resumed training included (validation counts too)."""
+        return self.time_before + (time.monotonic() - self.run_started if self.run_started else 0.0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        t = self.cfg.training
+        if not t.max_time or (batch_idx + 1) % t.grad_accum_steps:
+            return
+        # Rank 0's clock for everyone: ranks with different LRs or stopping steps would drift apart or hang.
+        self.clock = self.trainer.strategy.broadcast(self.elapsed())
+        if self.clock >= t.max_time:
+            self.trainer.should_stop = True
 
     def configure_optimizers(self):
         optimizer = adamw(self.model, self.cfg.training)
@@ -155,6 +189,8 @@ class LanguageModel(pl.LightningModule):
             "tokenizer": self.tokenizer_spec,
             "plateau_scale": self.plateau_scale,
             "schedule_offset": self.schedule_offset,
+            "train_time": round(self.elapsed(), 3),
+            "matmul_peak_flops": self.peak_flops,  # the yardstick of the MFU figures (fp32, measured at start-up)
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
@@ -171,6 +207,9 @@ class LanguageModel(pl.LightningModule):
         self.last_train_loss, self.last_val_loss = meta["train_loss"], meta["val_loss"]
         self.plateau_scale = meta.get("plateau_scale", 1.0)
         self.schedule_offset = meta["step"] if self.cfg.training.reset_lr_on_resume else meta.get("schedule_offset", 0)
+        # The time budget (training.max_time) goes on from where it stood, or restarts with the schedule.
+        self.time_before = 0.0 if self.cfg.training.reset_lr_on_resume else meta.get("train_time", 0.0)
+        self.clock = self.time_before
         # Re-plan: the restored optimizer must start from the NEW schedule's LR, not the one it was saved with.
         lr = self.cfg.training.lr * self.current_lr_multiplier(meta["step"])
         for state in checkpoint.get("optimizer_states", []):
@@ -208,16 +247,21 @@ def resume_at_step_boundary(checkpoint: dict, micro_batches: int) -> None:
 
 
 class TextData(pl.LightningDataModule):
-    """Packed training windows in a seeded order that resumes mid-run, sharded once across ranks."""
+    """Training samples in a seeded order that resumes mid-run, sharded once across ranks.
 
-    def __init__(self, train_windows, val_windows, t, num_workers: int = 0, start_step: int = 0):
+    Samples are packed windows (pretraining) or instruction examples of varying length, which
+    finetune.py batches with its own `collate_fn` (padding each batch to its longest example).
+    """
+
+    def __init__(self, train_windows, val_windows, t, num_workers: int = 0, start_step: int = 0, collate_fn=None):
         super().__init__()
         self.train_windows, self.val_windows, self.t = train_windows, val_windows, t
-        self.num_workers, self.start_step = num_workers, start_step
+        self.num_workers, self.start_step, self.collate_fn = num_workers, start_step, collate_fn
 
     def _loader(self, dataset, sampler, workers, drop_last):
         return torch.utils.data.DataLoader(dataset, batch_size=self.t.micro_batch_size, sampler=sampler,
-                                           num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0)
+                                           num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0,
+                                           collate_fn=self.collate_fn)
 
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -434,6 +478,8 @@ class TrainingLog(pl.Callback):
         sup_s = (module.supervised_seen - self.window_supervised) / max(now - self.window_start, 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak_flops / trainer.world_size
         eta = (now - self.start) / max(step - self.start_step, 1) * (self.t.max_steps - step)
+        if self.t.max_time:  # the time budget may end the run first
+            eta = min(eta, max(0.0, self.t.max_time - module.clock))
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         module.last_train_loss = loss
         if trainer.is_global_zero:
@@ -577,14 +623,12 @@ def main(argv=None):
 
     resume = None if args.no_resume or not t.auto_resume else find_resume_checkpoint(
         t.checkpoint_dir, model_cfg, tokenizer.spec, "pretrain")
-    if resume and resume[1]["step"] >= t.max_steps:
-        print(f"{resume[0]} is already at step {resume[1]['step']} of training.max_steps={t.max_steps}: "
-              "nothing to do (raise max_steps to train longer, or pass --no_resume)")
+    if already_done(resume, t):
         return 0
 
     train_docs, val_docs, held_out = split_documents(cfg.data)
-    train_tokens = tokenize_documents(train_docs, tokenizer, cfg.data.max_doc_len, "tokenizing train")
-    val_tokens = tokenize_documents(val_docs, tokenizer, cfg.data.max_doc_len, "tokenizing val")
+    train_tokens = load_tokens(train_docs, tokenizer, cfg.data, "train")  # cached in data.cache_dir
+    val_tokens = load_tokens(val_docs, tokenizer, cfg.data, "val")
     train_windows, val_windows = PackedWindows(train_tokens, t.seq_len), PackedWindows(val_tokens, t.seq_len)
     if len(train_windows) == 0 or len(val_windows) == 0:
         which = "training" if len(train_windows) == 0 else "validation"
@@ -595,37 +639,75 @@ def main(argv=None):
     module = LanguageModel(cfg, model_cfg, tokenizer.spec)
     module.tokens_per_epoch = len(train_windows) * t.seq_len
     data = TextData(train_windows, val_windows, t, cfg.hardware.num_workers, resume[1]["step"] if resume else 0)
-    flops = module.model.flops_per_token(t.seq_len)
-    peak = matmul_peak_flops(device)
-    log = TrainingLog(t, flops, peak)
-    trainer = build_trainer(cfg, [Checkpoints(t), log], device, precision)
 
+    def plan(world_size):
+        tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps * world_size
+        return [f"data: {len(train_tokens):,} train tokens ({len(train_windows):,} windows), "
+                f"{len(val_tokens):,} val tokens; {held_out}",
+                f"batch: {tokens_per_step:,} tokens per optimizer step = {t.micro_batch_size} seqs x {t.seq_len} "
+                f"tokens x {t.grad_accum_steps} accum x {world_size} devices; {t.max_steps} steps = "
+                f"{t.max_steps * tokens_per_step / max(len(train_tokens), 1):.2f} epochs",
+                f"resuming from {resume[0]} at step {resume[1]['step']}" if resume else "starting from scratch"]
+
+    final = os.path.join(t.checkpoint_dir, "final.ckpt")
+    return fit_and_save(cfg, module, data, device, precision, why, resume, plan,
+                        f"python infer.py --ckpt {final} --prompt \"Attention is\"")
+
+
+def already_done(resume, t) -> bool:
+    """True, and says so, when the checkpoint to resume from has already reached training.max_steps."""
+    if resume and resume[1]["step"] >= t.max_steps:
+        print(f"{resume[0]} is already at step {resume[1]['step']} of training.max_steps={t.max_steps}: "
+              "nothing to do (raise max_steps to train longer, or pass --no_resume)")
+        return True
+    if resume and t.max_time and not t.reset_lr_on_resume and resume[1].get("train_time", 0.0) >= t.max_time:
+        print(f"{resume[0]} has already trained {resume[1]['train_time']:.0f} s of training.max_time={t.max_time:g}: "
+              "nothing to do (raise max_time to train longer, or pass --no_resume)")
+        return True
+    return False
+
+
+def fit_and_save(cfg, module, data, device, precision, why, resume, plan, next_command) -> int:
+    """What train.py and finetune.py share: the Trainer, start-up lines, fit, a final validation, final.ckpt.
+
+    `plan(world_size)` returns the lines that describe the data, the batches and the starting point;
+    `next_command` is suggested at the end. Returns the exit code.
+    """
+    t = cfg.training
+    flops = module.model.flops_per_token(t.seq_len)
+    peak = module.peak_flops = matmul_peak_flops(device)
+    if t.compile:
+        module.model.compile()  # in place, so parameter names (and checkpoints) stay those of the plain model
+    # TrainingLog first: a checkpoint's meta then holds this step's train loss, and metrics.csv has the
+    # step's row before a save that a kill could interrupt.
+    trainer = build_trainer(cfg, [TrainingLog(t, flops, peak), Checkpoints(t), Plateau(t)], device, precision)
     if trainer.is_global_zero:
-        tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps * trainer.world_size
         print(f"model: {module.model.num_parameters():,} parameters "
               f"({module.model.num_parameters(exclude_embeddings=True):,} without embeddings), "
               f"{flops / 1e6:.1f} MFLOPs/token (fwd+bwd)")
-        print(f"data: {len(train_tokens):,} train tokens ({len(train_windows):,} windows), "
-              f"{len(val_tokens):,} val tokens; {held_out}")
-        print(f"batch: {tokens_per_step:,} tokens per optimizer step = {t.micro_batch_size} seqs x {t.seq_len} tokens "
-              f"x {t.grad_accum_steps} accum x {trainer.world_size} devices; {t.max_steps} steps = "
-              f"{t.max_steps * tokens_per_step / max(len(train_tokens), 1):.2f} epochs")
+        print("\n".join(plan(trainer.world_size)))
         print(f"device: {device.type} x {trainer.world_size}, precision {precision} ({why}); "
-              f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured)")
-        print(f"resuming from {resume[0]} at step {resume[1]['step']}" if resume else "starting from scratch")
+              f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
+              f"{', even in half precision' if precision != '32' else ''})")
+        if t.max_time:
+            print(f"time budget: {t.max_time:g} s of training (training.max_time); the LR schedule follows the clock")
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SystemExit:  # Lightning exits this way after Ctrl-C (Checkpoints.on_exception has saved)
+        if trainer.interrupted:
+            return 130
+        raise
     if trainer.interrupted:
         return 130
-    if t.max_steps % t.val_every:  # validate the final weights unless the last step just did
+    if module.validated_at != trainer.global_step:  # validate the final weights unless the last step just did
         trainer.validate(module, datamodule=data, verbose=False)
     Checkpoints(t).save(trainer, "final.ckpt")
     if trainer.is_global_zero:
         print(f"done: {os.path.join(t.checkpoint_dir, 'final.ckpt')} (val_loss {module.last_val_loss:.4f}); "
-              f"try: python infer.py --ckpt {os.path.join(t.checkpoint_dir, 'final.ckpt')} --prompt \"Attention is\"")
+              f"try: {next_command}")
     return 0
 
 
