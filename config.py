@@ -162,6 +162,8 @@ def _check_type(key: str, value: Any, hint) -> Any:
             return float(value)
         except ValueError:
             pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `precision: 32` or `--set training.precision=32` means the string "32"
     if hint is bool and not isinstance(value, bool) or hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"{key} must be {hint.__name__}, got {value!r}")
     if not isinstance(value, hint):

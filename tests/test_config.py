@@ -22,6 +22,7 @@ def test_valid_config_and_overrides(tiny_config):
     cfg = load_config(str(tiny_config), ["training.lr=0.01", "model.n_layers=3", "data.offline=true"])
     assert cfg.training.lr == 0.01 and cfg.model["n_layers"] == 3 and cfg.data.offline is True
     assert model_config(cfg, vocab_size=100).vocab_size == 100  # from the tokenizer unless set
+    assert load_config(str(tiny_config), ["training.precision=32"]).training.precision == "32"  # YAML reads a number
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
