@@ -83,9 +83,12 @@ def load_checkpoint(path: str, mmap: bool = True) -> dict:
 def read_meta(path: str) -> dict:
     """A checkpoint's metadata, from its JSON sidecar when that is current, else from the file itself."""
     sidecar = path + META_SUFFIX
-    if os.path.isfile(sidecar) and os.path.getmtime(sidecar) >= os.path.getmtime(path):
-        with open(sidecar, encoding="utf-8") as f:
-            return json.load(f)
+    if os.path.isfile(path) and os.path.isfile(sidecar) and os.path.getmtime(sidecar) >= os.path.getmtime(path):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                return json.load(f)
+        except ValueError:
+            pass  # a damaged sidecar: the checkpoint itself holds the same meta
     return load_checkpoint(path)["meta"]
 
 

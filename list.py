@@ -11,11 +11,11 @@ read as plain JSON: torch is not even imported. Only a checkpoint without a curr
 opened (memory-mapped, so still no weights are read).
 
 Losses are the checkpoint's OWN, read from `metrics.csv` in the same folder: val is the
-validation logged at the checkpoint's step, i.e. computed on exactly these weights (a periodic
-checkpoint is written just before its step's validation runs, so its stored meta still holds the
-previous validation's number); train is the mean over the log window ending at that step, or the
-last one logged before it when the step was not a logging step. Without metrics.csv, the stored
-meta is shown. An empty val (-) means no validation ran at that step.
+validation logged at the checkpoint's step, i.e. computed on exactly these weights (the stored
+meta of a checkpoint saved between validations holds the previous validation's number); train is
+the mean over the log window ending at that step, or the last one logged before it when the step
+was not a logging step. Without metrics.csv, the stored meta is shown. An empty val (-) means no
+validation ran at that step.
 
 Tags: best / last / final for the files of those names and for every hard link to them (train.py
 makes last.ckpt a hard link to the newest save, so `epoch=0-step=50.ckpt` may also be `last`).

@@ -317,6 +317,7 @@ class Checkpoints(pl.Callback):
         self.t, self.folder = t, t.checkpoint_dir
         self.best = math.inf
         self.counts_at_step = None  # (tokens_seen, supervised_seen) at the last optimizer step
+        self.save_pending = False  # a periodic save waiting for this step's validation
 
     def save(self, trainer, name: str) -> str:
         path = os.path.join(self.folder, name)
@@ -334,7 +335,15 @@ class Checkpoints(pl.Callback):
         self.counts_at_step = (module.tokens_seen, module.supervised_seen)  # what an interrupted save records
         if trainer.global_step % self.t.save_every:
             return
-        self.save(trainer, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+        if trainer.global_step % self.t.val_every == 0:
+            self.save_pending = True  # validation runs right after this step: save then, with its val loss
+            return
+        self.save_periodic(trainer, module)
+
+    def save_periodic(self, trainer, module):
+        """epoch=E-step=S.ckpt (E: whole passes over the data), then prune to the newest keep_last."""
+        self.save_pending = False
+        self.save(trainer, f"epoch={int(module.epoch or 0)}-step={trainer.global_step}.ckpt")
         if trainer.is_global_zero and self.t.keep_last:
             for old in periodic_checkpoints(self.folder)[:-self.t.keep_last]:
                 for path in (old, old + META_SUFFIX):
@@ -349,6 +358,12 @@ class Checkpoints(pl.Callback):
         if float(val) < self.best:
             self.best = float(val)
             trainer.save_checkpoint(os.path.join(self.folder, "best.ckpt"), weights_only=False)
+        if self.save_pending:
+            self.save_periodic(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        if self.save_pending:  # the validation it waited for did not come
+            self.save_periodic(trainer, module)
 
     def on_exception(self, trainer, module, exception):
         """Ctrl-C: save where training stands (rank 0 only, no collective call) and say how to resume.
@@ -366,7 +381,7 @@ class Checkpoints(pl.Callback):
             return
         if self.counts_at_step:
             module.tokens_seen, module.supervised_seen = self.counts_at_step
-        path = os.path.join(self.folder, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+        path = os.path.join(self.folder, f"epoch={int(module.epoch or 0)}-step={trainer.global_step}.ckpt")
         # trainer.save_checkpoint would wait at a barrier for the other ranks, which may be gone already.
         save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path)
         link_atomically(path, os.path.join(self.folder, "last.ckpt"))

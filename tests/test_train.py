@@ -157,3 +157,10 @@ def test_smoke_run_end_to_end_through_the_cli(tmp_path):
     sample = run_script("infer.py", "--ckpt", folder / "final.ckpt", "--tokenizer", "gpt2", "--prompt", "Attention is",
                         "--max-new-tokens", "8", "--seed", "0")
     assert sample.stdout.startswith("Attention is") and len(sample.stdout) > len("Attention is")
+
+
+def test_a_damaged_sidecar_falls_back_to_the_checkpoint(tiny_ckpt, tmp_path):
+    copy = tmp_path / "final.ckpt"
+    shutil.copyfile(tiny_ckpt, copy)
+    (tmp_path / "final.ckpt.json").write_text("{not json")
+    assert read_meta(str(copy))["step"] == 6
