@@ -71,9 +71,10 @@ def bench_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
 
     def without_cache():
         ids = prompt
+        head = model.lm_head.weight.t().contiguous()  # the same fast head layout infer.generate uses
         for _ in range(new_tokens):
             with torch.inference_mode():  # every step recomputes every position's keys and values
-                logits = model(ids, last_only=True)[:, -1, :VOCAB]
+                logits = (model(ids, last_only=True, return_hidden=True)[:, -1] @ head)[:, :VOCAB]
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         return ids[0, prompt.shape[1]:]
 

@@ -174,18 +174,14 @@ def test_num_samples_equal_separate_runs_with_consecutive_seeds(loaded):
 def test_disable_eos_keeps_generating(loaded):
     model, tokenizer = loaded
 
-    class PreferEos(nn.Module):  # wrap the head so that EOS is always by far the most likely token
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
+    class Ones(nn.Module):  # the output head's input becomes all ones...
         def forward(self, x):
-            logits = self.head(x)
-            logits[..., tokenizer.eos_id] += 100
-            return logits
+            return torch.ones_like(x)
 
-    original = model.lm_head
-    model.lm_head = PreferEos(original)
+    original_norm, original_head = model.norm, model.lm_head.weight
+    prefer_eos = original_head.detach().clone()
+    prefer_eos[tokenizer.eos_id] = 100.0  # ...so EOS's logit (100 x d_model) is by far the largest
+    model.norm, model.lm_head.weight = Ones(), nn.Parameter(prefer_eos)
     try:
         args = infer.parse_args(["--prompt", "x", "--max-new-tokens", "6", "--seed", "0"])
         (text,), _ = infer.complete(model, tokenizer, tokenizer.encode("x"), args, 0, [])
@@ -194,7 +190,7 @@ def test_disable_eos_keeps_generating(loaded):
         (text,), _ = infer.complete(model, tokenizer, tokenizer.encode("x"), args, 0, [])
         assert len(tokenizer.encode(text)) >= 3 and "<|endoftext|>" not in text
     finally:
-        model.lm_head = original
+        model.norm, model.lm_head.weight = original_norm, original_head
 
 
 # --- streaming text ------------------------------------------------------------------------------

@@ -350,3 +350,12 @@ def test_parameter_and_flop_counts():
         assert model.num_parameters(exclude_embeddings=True) == body + (0 if tie else head)
         assert model.num_parameters() == body + head * (1 if tie else 2)
         assert model.flops_per_token(32) == 6 * (body + head) + 12 * c.n_layers * c.d_model * 32
+
+
+def test_hidden_states_times_the_head_are_the_logits():
+    """return_hidden gives the output head's input: what infer.py multiplies by its transposed head copy."""
+    model = build(tiny_config(), scale=0.5).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    hidden = model(idx, return_hidden=True)  # (2, 9, d_model)
+    assert hidden.shape == (2, 9, model.config.d_model)
+    torch.testing.assert_close(hidden @ model.lm_head.weight.t().contiguous(), model(idx))
