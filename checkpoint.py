@@ -1,11 +1,14 @@
 """Checkpoint files and device choice, shared by every script.
 
-A `.ckpt` file is a `torch.save`d dict written by Lightning (train.py, finetune.py) or by
+A `.ckpt` file is a `torch.save`d dict written by training.py (through Lightning Fabric) or by
 convert.py. Every script reads the same two entries:
 
-    state_dict  model weights, keys prefixed with "model." (Lightning's LightningModule layout)
+    state_dict  model weights, named as in model.Transformer.state_dict()
     meta        plain data: kind ("pretrain" | "sft"), step, epoch, tokens_seen, train_loss,
                 val_loss, n_params, model_config, config (the full YAML config), tokenizer
+
+A training checkpoint also holds the optimizer's state (under the optimizer's name, e.g. "adamw"), the
+random generator's state ("rng") and, inside meta, "train_state": what resuming needs.
 
 Writes are atomic (temporary file, fsync, rename), so a killed process never leaves a
 truncated checkpoint under a good name. Reads use `weights_only=True`: loading a file can
@@ -16,6 +19,7 @@ list.py can show a folder of checkpoints without importing torch.
 import json
 import os
 import pickle
+import shutil
 
 import torch
 
@@ -37,7 +41,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The one way this project writes a file that must never be seen half-written: checkpoints, their
+    sidecars, token caches, tokenizers.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -50,6 +58,21 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(path)
+
+
+def link_checkpoint(src: str, dst: str) -> None:
+    """Make dst (and its sidecar) the same file as src: a hard link, or a copy where links are not supported.
+
+    Written through atomic_write's rule (a temporary name, then a rename), so dst is never missing or partial.
+    """
+    for suffix in ("", META_SUFFIX):
+        tmp = f"{dst}{suffix}.tmp{os.getpid()}"
+        try:
+            os.link(src + suffix, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(src + suffix, tmp)
+        os.replace(tmp, dst + suffix)
+    _fsync_dir(dst)
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -92,15 +115,6 @@ def read_meta(path: str) -> dict:
     return load_checkpoint(path)["meta"]
 
 
-def model_state_dict(ckpt: dict) -> dict:
-    """Model weights without Lightning's "model." prefix (and without torch.compile's "_orig_mod.")."""
-    out = {}
-    for key, value in ckpt["state_dict"].items():
-        if key.startswith("model."):
-            out[key[len("model."):].replace("_orig_mod.", "")] = value
-    return out
-
-
 def pick_device(name: str = "auto", strict: bool = True) -> torch.device:
     """auto -> cuda, then mps, then cpu. An unavailable device is an error (strict) or falls back to cpu."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
@@ -119,16 +133,34 @@ def pick_device(name: str = "auto", strict: bool = True) -> torch.device:
     return torch.device(name)
 
 
+def check_weights(state_dict: dict, config: ModelConfig, where: str) -> None:
+    """Every parameter the model of `config` needs is in state_dict, with its shape, and nothing else."""
+    with torch.device("meta"):
+        want = Transformer(config).state_dict()  # shapes only: no memory, no init
+    missing = [k for k in want if k not in state_dict]
+    extra = [k for k in state_dict if k not in want]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or extra or wrong:
+        raise UsageError(f"{where}: the weights do not match the model it describes (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}): the file is damaged or not ours")
+
+
 def load_model(path: str, device="cpu", dtype: torch.dtype = torch.float32):
     """Build the model a checkpoint describes and load its weights. Returns (model in eval mode, meta)."""
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    model_config = ModelConfig(**meta["model_config"])
+    try:
+        model_config = ModelConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: its meta does not describe a model ({type(e).__name__}: {e}): "
+                         "the file is damaged or not ours") from None
     model_config.gradient_checkpointing = False  # inference never needs it
+    check_weights(ckpt["state_dict"], model_config, path)
     # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
     # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
     model = Transformer(model_config)
-    model.load_state_dict(model_state_dict(ckpt), assign=True)  # assign: use the file's (mmap'd) tensors
+    model.load_state_dict(ckpt["state_dict"], assign=True)  # assign: use the file's (mmap'd) tensors
     if model_config.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
     return model.to(device=device, dtype=dtype).eval(), meta

@@ -13,12 +13,18 @@ This module imports no torch, so light scripts (list.py) can use `UsageError` an
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+# training.loggers: the packages each logger needs (any one of them), checked before a run starts.
+LOGGER_PACKAGES = {"csv": [], "tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"],
+                   "mlflow": ["mlflow"]}
 
 
 class UsageError(Exception):
@@ -76,6 +82,9 @@ class Training:
     auto_resume: bool = True  # continue from the newest checkpoint in checkpoint_dir
     reset_lr_on_resume: bool = False  # on resume, restart the LR schedule (warm-up included) from step 0
     compile: bool = False  # torch.compile the model (compiling takes a while at start-up; see docs/PERFORMANCE.md)
+    # Where the metrics go: csv (metrics.csv in checkpoint_dir, read by list.py and plots.py), and any of
+    # tensorboard, wandb, mlflow when that package is installed. All through Lightning's loggers.
+    loggers: list = field(default_factory=lambda: ["csv"])
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     reduce_on_plateau: ReduceOnPlateau = field(default_factory=ReduceOnPlateau)
 
@@ -85,7 +94,7 @@ class Hardware:
     accelerator: str = "auto"  # auto | cpu | cuda | mps  (auto: cuda, then mps, then cpu)
     devices: Union[int, str] = 1  # devices per node, or "auto"
     num_nodes: int = 1  # machines in a multi-node run
-    strategy: str = "auto"  # auto | ddp | fsdp  (passed to Lightning)
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed  (Lightning's; fsdp shards each Transformer block)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
 
 
@@ -122,46 +131,70 @@ class Finetune:
 
 
 @dataclass
+class Model:
+    """Section `model`: the fields of model.ModelConfig (documented there), each null unless the file sets it.
+
+    A key left out takes ModelConfig's default, except two that follow the run: vocab_size (the tokenizer's
+    vocabulary, padded to a multiple of 64) and max_seq_len (training.seq_len). finetune.py compares the keys
+    a file does set with the base checkpoint's architecture. tests/test_config.py checks that these fields
+    are exactly ModelConfig's.
+    """
+
+    vocab_size: Optional[int] = None
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    dropout: Optional[float] = None
+    rope_theta: Optional[float] = None
+    norm_eps: Optional[float] = None
+    max_seq_len: Optional[int] = None
+    tie_embeddings: Optional[bool] = None
+    swa_window: Optional[int] = None
+    gradient_checkpointing: Optional[bool] = None
+
+    def given(self) -> dict:
+        """The keys the config file (or --set) gave a value."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class Config:
-    model: dict = field(default_factory=dict)  # fields of model.ModelConfig; vocab_size defaults to the tokenizer's
+    model: Model = field(default_factory=Model)
     training: Training = field(default_factory=Training)
     hardware: Hardware = field(default_factory=Hardware)
     data: Data = field(default_factory=Data)
+    finetune: Optional[Finetune] = None  # finetune.py's section; present in SFT configs and checkpoints
 
     def to_dict(self) -> dict:
-        """Every section, extra ones (finetune) included, as plain data: what a checkpoint stores."""
-        return {name: dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
-                for name, value in vars(self).items()}
-
-
-def _model_fields() -> dict:
-    """Field name -> type of model.ModelConfig."""
-    from model import ModelConfig  # imported here so this module stays torch-free
-
-    return get_type_hints(ModelConfig)
+        """Every section as plain data: what a checkpoint stores."""
+        return {name: dataclasses.asdict(value) for name, value in vars(self).items() if value is not None}
 
 
 def _check_type(key: str, value: Any, hint) -> Any:
     """Return value converted to `hint` (int -> float is allowed), or raise UsageError."""
     if get_origin(hint) is Union:
-        options = get_args(hint)
-        if value is None and type(None) in options:
+        options = [o for o in get_args(hint) if o is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
             return None
+        if len(options) == 1:  # Optional[X]: X's own message (e.g. "must be a finite number")
+            return _check_type(key, value, options[0])
         for option in options:
-            if option is not type(None):
-                try:
-                    return _check_type(key, value, option)
-                except UsageError:
-                    pass
-        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+            try:
+                return _check_type(key, value, option)
+            except UsageError:
+                pass
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in get_args(hint))
         raise UsageError(f"{key} must be {names}, got {value!r}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 3e-4 as a string
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)  # an int, or a string: YAML reads 3e-4 as one
         except ValueError:
-            pass
+            raise UsageError(f"{key} must be float, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `precision: 32` or `--set training.precision=32` means the string "32"
     if hint is bool and not isinstance(value, bool) or hint is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -194,35 +227,14 @@ def _build_section(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict, extra_sections: dict | None = None) -> Config:
-    """Validate a plain dict (from YAML or a checkpoint) into a Config. `extra_sections` maps name -> dataclass."""
-    extra_sections = extra_sections or {}
-    if "finetune" in raw:  # an SFT checkpoint's config must load in every script, not only in finetune.py
-        extra_sections = {"finetune": Finetune, **extra_sections}
-    sections = {"model": None, "training": Training, "hardware": Hardware, "data": Data, **extra_sections}
+def config_from_dict(raw: dict) -> Config:
+    """Validate a plain dict (from YAML or a checkpoint) into a Config."""
+    sections = {"model": Model, "training": Training, "hardware": Hardware, "data": Data, "finetune": Finetune}
     for name in raw:
         if name not in sections:
             raise _unknown_key("", name, sections)
-    model_fields = _model_fields()
-    model_raw = raw.get("model") or {}
-    if not isinstance(model_raw, dict):
-        raise UsageError("config section 'model' must be a mapping of keys to values")
-    model = {}
-    for key, value in model_raw.items():
-        if key not in model_fields:
-            raise _unknown_key("model", key, model_fields)
-        if value is None and key == "vocab_size":  # null: take it from the tokenizer
-            model[key] = None
-        else:
-            model[key] = _check_type(f"model.{key}", value, model_fields[key])
-    cfg = Config(
-        model=model,
-        training=_build_section(Training, raw.get("training") or {}, "training"),
-        hardware=_build_section(Hardware, raw.get("hardware") or {}, "hardware"),
-        data=_build_section(Data, raw.get("data") or {}, "data"),
-    )
-    for name, cls in extra_sections.items():
-        setattr(cfg, name, _build_section(cls, raw.get(name) or {}, name))
+    cfg = Config(**{name: _build_section(cls, raw.get(name) or {}, name) for name, cls in sections.items()
+                    if name in raw or name != "finetune"})
     validate(cfg)
     return cfg
 
@@ -243,7 +255,7 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"training.lr_schedule must be warmup_cosine or plateau, got {t.lr_schedule!r}")
     if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise UsageError("training.warmup_ratio must be in [0, 1) and training.min_lr_ratio in [0, 1]")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         raise UsageError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
     if t.precision not in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise UsageError(f"training.precision must be auto, 32, bf16-mixed or 16-mixed, got {t.precision!r}")
@@ -251,18 +263,36 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"training.max_time must be a positive number of seconds (or null), got {t.max_time}")
     if t.keep_last < 0 or t.grad_clip < 0:
         raise UsageError("training.keep_last and training.grad_clip must be >= 0")
-    if cfg.hardware.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
-        raise UsageError(f"hardware.accelerator must be auto, cpu, cuda or mps, got {cfg.hardware.accelerator!r}")
+    for name in t.loggers:
+        if not isinstance(name, str) or name not in LOGGER_PACKAGES:
+            raise UsageError(f"training.loggers: unknown logger {name!r} (choose from {', '.join(LOGGER_PACKAGES)})")
+        packages = LOGGER_PACKAGES[name]
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise UsageError(f"training.loggers: {name} needs the {LOGGER_PACKAGES[name][0]} package: "
+                             f"pip install {LOGGER_PACKAGES[name][0]}, or remove {name} from training.loggers")
+    hw = cfg.hardware
+    if hw.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
+        raise UsageError(f"hardware.accelerator must be auto, cpu, cuda or mps, got {hw.accelerator!r}")
+    if hw.devices != "auto" and (not isinstance(hw.devices, int) or hw.devices < 1):
+        raise UsageError(f"hardware.devices must be a positive integer or auto, got {hw.devices!r}")
+    if hw.num_nodes < 1 or hw.num_workers < 0:
+        raise UsageError(f"hardware.num_nodes must be >= 1 and hardware.num_workers >= 0, got {hw.num_nodes} "
+                         f"and {hw.num_workers}")
+    if hw.strategy not in ("auto", "ddp", "fsdp", "deepspeed"):
+        raise UsageError(f"hardware.strategy must be auto, ddp, fsdp or deepspeed, got {hw.strategy!r}")
+    if hw.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("hardware.strategy deepspeed needs the deepspeed package: pip install deepspeed, "
+                         "or use ddp / fsdp")
     if cfg.data.txt_documents not in ("line", "paragraph", "file"):
         raise UsageError(f"data.txt_documents must be line, paragraph or file, got {cfg.data.txt_documents!r}")
     if cfg.data.val_docs < 0:
         raise UsageError(f"data.val_docs must be >= 0, got {cfg.data.val_docs}")
-    max_seq_len = cfg.model.get("max_seq_len")
+    max_seq_len = cfg.model.max_seq_len
     if max_seq_len is not None and t.seq_len > max_seq_len:
         raise UsageError(f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({max_seq_len}): "
                          "lower seq_len or raise max_seq_len")
     try:
-        model_config(cfg, vocab_size=cfg.model.get("vocab_size") or 64)
+        model_config(cfg, vocab_size=cfg.model.vocab_size or 64)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -271,7 +301,7 @@ def model_config(cfg: Config, vocab_size: int):
     """The ModelConfig a Config describes; vocab_size comes from the tokenizer unless the config sets it."""
     from model import ModelConfig
 
-    values = {k: v for k, v in cfg.model.items() if v is not None}
+    values = cfg.model.given()
     values.setdefault("vocab_size", vocab_size)
     values.setdefault("max_seq_len", cfg.training.seq_len)
     return ModelConfig(**values)
@@ -315,6 +345,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str, overrides: list[str] | None = None, extra_sections: dict | None = None) -> Config:
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a YAML config file."""
-    return config_from_dict(apply_overrides(read_yaml(path), overrides), extra_sections)
+    return config_from_dict(apply_overrides(read_yaml(path), overrides))

@@ -27,10 +27,10 @@ import shutil
 
 import torch
 
-from checkpoint import load_checkpoint, model_state_dict, save_checkpoint
+from checkpoint import check_weights, load_checkpoint, save_checkpoint
 from config import UsageError, config_from_dict, run_cli
 from data import load_tokenizer, tokenizer_for_checkpoint
-from model import ModelConfig, Transformer
+from model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Parameter names: ours <-> Hugging Face Llama/Mistral (the tensors themselves need no change)
@@ -155,7 +155,7 @@ def to_hf(args) -> int:
     prepare_out_dir(args.out, args.overwrite)
 
     weights = {}
-    for name, tensor in model_state_dict(ckpt).items():
+    for name, tensor in ckpt["state_dict"].items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # tied: stored once, as the embedding (tie_word_embeddings: true)
         weights[to_hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
@@ -281,19 +281,6 @@ def from_hf_state_dict(hf_weights: dict, config: ModelConfig) -> dict:
     return ours
 
 
-def check_weights(state_dict: dict, config: ModelConfig) -> None:
-    """Every parameter our model needs is there, with its shape."""
-    with torch.device("meta"):
-        want = Transformer(config).state_dict()  # shapes only: no memory, no init
-    missing = [k for k in want if k not in state_dict]
-    extra = [k for k in state_dict if k not in want]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or extra or wrong:
-        raise UsageError(f"the weights do not fit config.json: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"wrong shape {wrong[:3]}")
-
-
 def run_config(config: ModelConfig, tokenizer_spec: str) -> dict:
     """A full config dict, as train.py stores: the model section from config.json, defaults elsewhere."""
     model = {k: v for k, v in vars(config).items() if k != "gradient_checkpointing"}
@@ -316,13 +303,13 @@ def from_hf(args) -> int:
         raise UsageError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}: pass the model's own tokenizer")
     state_dict = from_hf_state_dict(read_hf_weights(folder), config)
-    check_weights(state_dict, config)
+    check_weights(state_dict, config, folder)
     n_params = sum(t.numel() for k, t in state_dict.items() if not (k == "lm_head.weight" and config.tie_embeddings))
     meta = {"kind": "pretrain", "step": 0, "epoch": None, "tokens_seen": 0, "supervised_seen": 0,
             "train_loss": None, "val_loss": None, "n_params": n_params, "model_config": vars(config).copy(),
             "config": run_config(config, tokenizer.spec), "tokenizer": tokenizer.spec,
             "imported_from": os.path.abspath(folder)}
-    save_checkpoint({"state_dict": {"model." + k: v for k, v in state_dict.items()}, "meta": meta}, args.out)
+    save_checkpoint({"state_dict": state_dict, "meta": meta}, args.out)
     swa = f", sliding window {config.swa_window}" if config.swa_window else ""
     print(f"wrote {args.out}: {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "
           f"{config.n_heads} heads / {config.n_kv_heads} K/V heads, context {config.max_seq_len}{swa}, "

@@ -23,10 +23,11 @@ import argparse
 import dataclasses
 import os
 
-from checkpoint import load_checkpoint, model_state_dict, pick_device, read_meta
-from config import Finetune, UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
+import training
+from checkpoint import load_checkpoint, read_meta
+from config import UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
 from data import ShuffledPasses, format_instruction, split_documents, tokenizer_for_checkpoint
-from model import ModelConfig
+from model import ModelConfig, Transformer
 
 SFT_CHECKPOINT_DIR = "checkpoints/sft"  # default training.checkpoint_dir here: SFT never mixes with pretraining
 ADJUSTABLE = ("dropout", "gradient_checkpointing")  # model keys an SFT config may change; the rest is the base's
@@ -38,11 +39,11 @@ ADJUSTABLE = ("dropout", "gradient_checkpointing")  # model keys an SFT config m
 
 
 def load_finetune_config(path: str, overrides: list[str] | None = None):
-    """load_config with the `finetune` section and checkpoints defaulting to checkpoints/sft."""
+    """load_config with a `finetune` section (its defaults if the file has none) and checkpoints in checkpoints/sft."""
     raw = apply_overrides(read_yaml(path), overrides)
-    training = raw.get("training") or {}
-    raw["training"] = {"checkpoint_dir": SFT_CHECKPOINT_DIR, **training}
-    return config_from_dict(raw, extra_sections={"finetune": Finetune})
+    raw["training"] = {"checkpoint_dir": SFT_CHECKPOINT_DIR, **(raw.get("training") or {})}
+    raw.setdefault("finetune", {})
+    return config_from_dict(raw)
 
 
 def read_base(cfg) -> tuple[dict, ModelConfig]:
@@ -52,12 +53,12 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
         raise UsageError(f"base checkpoint not found: {path}; make it with `python train.py --config "
                          "config_smoke.yaml` (or the config it came from), or set finetune.base_checkpoint")
     meta = read_meta(path)
-    base = dict(meta["model_config"])
-    for key, value in cfg.model.items():  # the base fixes the architecture; the config may only repeat it
-        if key not in ADJUSTABLE and value is not None and base.get(key) != value:
+    base, given = dict(meta["model_config"]), cfg.model.given()
+    for key, value in given.items():  # the base fixes the architecture; the config may only repeat it
+        if key not in ADJUSTABLE and base.get(key) != value:
             raise UsageError(f"model.{key} is {value} in the config but {base.get(key)} in the base checkpoint "
                              f"{path}: remove model.{key} (the base checkpoint defines the architecture)")
-    model_cfg = ModelConfig(**{**base, **{k: v for k, v in cfg.model.items() if k in ADJUSTABLE}})
+    model_cfg = ModelConfig(**{**base, **{k: v for k, v in given.items() if k in ADJUSTABLE}})
     if cfg.training.seq_len > model_cfg.max_seq_len:
         raise UsageError(f"training.seq_len ({cfg.training.seq_len}) exceeds the base model's max_seq_len "
                          f"({model_cfg.max_seq_len}): set training.seq_len <= {model_cfg.max_seq_len}")
@@ -219,43 +220,6 @@ def show_example(records, n: int, tokenizer, max_tokens: int, n_train: int) -> N
     print("tokens: " + " ".join(p if k < n_prompt else f"[[{p}]]" for k, p in enumerate(pieces)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def train_sft(cfg, args, base_meta, model_cfg, tokenizer, train, val, describe) -> int:
-    """Lightning starts here (and only here): resume or load the base weights, then train.py's loop."""
-    import pytorch_lightning as pl
-
-    from train import LanguageModel, TextData, already_done, choose_precision, find_resume_checkpoint, fit_and_save
-
-    t = cfg.training
-    device = pick_device(cfg.hardware.accelerator, strict=False)
-    precision, why = choose_precision(t.precision, device)
-    pl.seed_everything(t.seed, verbose=False)
-    resume = None if args.no_resume or not t.auto_resume else find_resume_checkpoint(
-        t.checkpoint_dir, model_cfg, tokenizer.spec, "sft")
-    if already_done(resume, t):
-        return 0
-    os.makedirs(t.checkpoint_dir, exist_ok=True)
-    module = LanguageModel(cfg, model_cfg, tokenizer.spec, kind="sft")
-    if not resume:  # the base weights; a resumed run gets its own from the SFT checkpoint instead
-        module.model.load_state_dict(model_state_dict(load_checkpoint(cfg.finetune.base_checkpoint)))
-    module.tokens_per_epoch = padded_tokens_per_epoch(train, t.micro_batch_size, t.seed)
-    collate = PadWith(tokenizer.eos_id)
-    data = TextData(train, val, t, cfg.hardware.num_workers, resume[1]["step"] if resume else 0, collate_fn=collate)
-
-    def plan(world_size):
-        start = (f"resuming from {resume[0]} at step {resume[1]['step']}" if resume
-                 else f"starting from the base weights of {cfg.finetune.base_checkpoint}")
-        return describe(world_size) + [start]
-
-    final = os.path.join(t.checkpoint_dir, "final.ckpt")
-    return fit_and_save(cfg, module, data, device, precision, why, resume, plan,
-                        f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
-
-
 class PadWith:
     """pad_batch with a fixed pad id, as a picklable object (DataLoader workers need to pickle it)."""
 
@@ -281,12 +245,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # 1. Arguments, config, the base checkpoint (read from its header: no weights yet) and its tokenizer.
     args = parse_args(argv)
     cfg = load_finetune_config(args.config, args.set)
+    t = cfg.training
     base_meta, model_cfg = read_base(cfg)
     tokenizer = tokenizer_for_checkpoint(base_meta, "auto", cfg.data.offline)  # the base's own tokenizer
+
+    # 2. Records -> examples (prompt labels -100), checked before anything heavy.
     train_records, val_records, how = load_records(cfg.data)
-    max_tokens = cfg.training.seq_len + 1  # seq_len inputs, each with its next-token target
+    max_tokens = t.seq_len + 1  # seq_len inputs, each with its next-token target
     if args.show_example is not None:
         show_example(train_records + val_records, args.show_example, tokenizer, max_tokens, len(train_records))
         return 0
@@ -295,16 +263,41 @@ def main(argv=None) -> int:
     if not train or not val:
         raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
                          "tokens: raise training.seq_len, add records, or adjust data.val_docs")
-
-    def describe(world_size):
-        return plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, world_size)
-
+    resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
+        t.checkpoint_dir, model_cfg, tokenizer.spec, "sft")
     if args.dry_run:
-        devices = cfg.hardware.devices if isinstance(cfg.hardware.devices, int) else 1
-        print("\n".join(describe(devices * cfg.hardware.num_nodes)))
+        print("\n".join(plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats,
+                                   training.start_fabric(cfg, launch=False)[0].world_size)))
         print("dry run: config, data and base checkpoint are valid; no model was built")
         return 0
-    return train_sft(cfg, args, base_meta, model_cfg, tokenizer, train, val, describe)
+    if training.already_done(resume, t):
+        return 0
+
+    # 3. Devices and processes: from here on this is one rank of the run (Lightning started the others).
+    fabric, precision, why = training.start_fabric(cfg)
+
+    # 4. The model with the base's weights (a resumed run gets its own from the SFT checkpoint), its optimizer.
+    fabric.seed_everything(t.seed, verbose=False)
+    with fabric.init_module():
+        model = Transformer(model_cfg)
+    if not resume:
+        model.load_state_dict(load_checkpoint(cfg.finetune.base_checkpoint)["state_dict"])
+    if t.compile:
+        model.compile()
+    optimizers, peak_lrs = training.make_optimizers(model, t)
+    model, optimizers = training.setup(fabric, model, optimizers)
+
+    # 5. Resume, then the loop (training.fit) and final.ckpt.
+    state = training.resume(fabric, resume[0], model, optimizers, t) if resume else training.TrainState()
+    plan = plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, fabric.world_size) + [
+        f"resuming from {resume[0]} at step {state.step}" if resume
+        else f"starting from the base weights of {cfg.finetune.base_checkpoint}"]
+    final = os.path.join(t.checkpoint_dir, "final.ckpt")
+    run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer.spec,
+                       tokens_per_epoch=padded_tokens_per_epoch(train, t.micro_batch_size, t.seed), plan=plan,
+                       precision=precision, precision_why=why,
+                       next_command=f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
+    return training.fit(fabric, run, model, optimizers, peak_lrs, train, val, state, collate_fn=PadWith(tokenizer.eos_id))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
     python plots.py checkpoints/metrics.csv checkpoints/loss_curve.png   # redraw by hand
 
-train.py (and finetune.py, through the same TrainingLog callback) calls `plot_loss_curve` at
+The training loop (training.fit, for train.py and finetune.py) calls `plot_loss_curve` at
 every validation and at the end; `list.py --plot FILE` calls `plot_checkpoints`.
 matplotlib is imported inside the functions, with its file-only Agg canvas (no window, no
 display needed), so importing this module costs nothing.
@@ -16,7 +16,7 @@ import sys
 
 
 def read_losses(metrics_csv: str) -> tuple[dict, dict]:
-    """({step: train_loss}, {step: val_loss}) from a metrics.csv written by train.TrainingLog.
+    """({step: train_loss}, {step: val_loss}) from a metrics.csv written by training.fit (Lightning's CSV logger).
 
     A resumed run appends rows for steps it repeats; the later row wins, as it describes the run
     that continued.

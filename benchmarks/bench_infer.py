@@ -114,7 +114,7 @@ def bench_hf_generate(model, prompt, new_tokens: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_hf_") as folder:
         ckpt, out = os.path.join(folder, "ours.ckpt"), os.path.join(folder, "hf")
         meta = {"kind": "pretrain", "step": 0, "model_config": vars(model.config).copy(), "tokenizer": "gpt2"}
-        save_checkpoint({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "meta": meta}, ckpt)
+        save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, ckpt)
         convert.main(["to-hf", "--ckpt", ckpt, "--out", out])
         hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
 

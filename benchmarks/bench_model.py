@@ -2,7 +2,8 @@
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / peak FLOP/s, where the achieved FLOPs are
 counted by model.flops_per_token (6 per matmul weight per token + attention) and the peak is the
-median speed of a large square matmul measured in the same run, same dtype, same threads.
+median speed of a large square matmul measured in the same run, same dtype, same threads: the same
+yardstick (training.matmul_peak_flops) as the MFU in the training log.
 
 Examples (from the repository root):
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import model as model_module  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from training import matmul_peak_flops  # noqa: E402  (the training log's MFU yardstick, so the two agree)
 
 
 def timed(fn, steps: int, warmup: int) -> list[float]:
@@ -39,13 +41,6 @@ def timed(fn, steps: int, warmup: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def matmul_peak(n: int, dtype, steps: int) -> float:
-    """Median FLOP/s of an n x n @ n x n matmul: the best this machine does on dense math."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = timed(lambda: a @ b, steps, warmup=3)
-    return 2 * n**3 / statistics.median(times)
 
 
 def keep_freed_memory_in_heap():
@@ -146,7 +141,8 @@ def main():
           f"batch {args.batch_size} x seq {args.seq_len} = {args.batch_size * args.seq_len} tokens/step")
     del probe
 
-    peak32 = matmul_peak(args.peak_size, torch.float32, steps=max(args.steps, 10))
+    cpu = torch.device("cpu")
+    peak32 = matmul_peak_flops(cpu, torch.float32, n=args.peak_size, repeats=max(args.steps, 10))
     print(f"fp32 matmul peak ({args.peak_size}^3, median): {peak32 / 1e9:.1f} GFLOP/s")
     run = dict(batch=args.batch_size, seq=args.seq_len, steps=args.steps, warmup=args.warmup)
     report("fp32", bench(config, bf16=False, peak=peak32, **run))
@@ -167,7 +163,7 @@ def main():
             print(f"  attention alone, fwd+bwd, {label:<18} {ms:7.2f} ms")
 
     if args.bf16:
-        peak16 = matmul_peak(args.peak_size, torch.bfloat16, steps=max(args.steps, 10))
+        peak16 = matmul_peak_flops(cpu, torch.bfloat16, n=args.peak_size, repeats=max(args.steps, 10))
         print(f"bf16 matmul peak ({args.peak_size}^3, median): {peak16 / 1e9:.1f} GFLOP/s")
         r = bench(config, bf16=True, peak=peak16, **run)
         report("bf16 autocast" + heap, r)

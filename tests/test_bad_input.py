@@ -50,7 +50,7 @@ def work(tmp_path_factory, tiny_ckpt):
     (folder / "notes.ckpt").write_text("these are my notes, not a checkpoint\n")
     torch.save({"weights": torch.zeros(2)}, folder / "foreign.ckpt")  # a valid torch file, not ours
     small = ModelConfig(vocab_size=256, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16)
-    state = {f"model.{k}": v for k, v in Transformer(small).state_dict().items()}
+    state = Transformer(small).state_dict()
     save_checkpoint({"state_dict": state, "meta": {"kind": "pretrain", "step": 1, "model_config": vars(small),
                                                    "tokenizer": "gpt2", "config": {}}}, str(folder / "small_vocab.ckpt"))
     (folder / "cases_mapping.yaml").write_text("prompt: The capital of France is\ntarget: ' Paris'\n")

@@ -20,7 +20,7 @@ def config_error(tmp_path, overrides=None, text=None) -> str:
 
 def test_valid_config_and_overrides(tiny_config):
     cfg = load_config(str(tiny_config), ["training.lr=0.01", "model.n_layers=3", "data.offline=true"])
-    assert cfg.training.lr == 0.01 and cfg.model["n_layers"] == 3 and cfg.data.offline is True
+    assert cfg.training.lr == 0.01 and cfg.model.n_layers == 3 and cfg.data.offline is True
     assert model_config(cfg, vocab_size=100).vocab_size == 100  # from the tokenizer unless set
     assert load_config(str(tiny_config), ["training.precision=32"]).training.precision == "32"  # YAML reads a number
 
@@ -40,6 +40,14 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
     ("training", "seq_len", 64, "exceeds model.max_seq_len"),
     ("hardware", "accelerator", "tpu", "hardware.accelerator"),
     ("data", "streaming", "yes", "data.streaming must be bool"),
+    ("training", "lr", float("nan"), "training.lr must be a finite number, got nan"),
+    ("training", "max_time", "inf", "training.max_time must be a finite number"),
+    ("model", "dropout", float("inf"), "model.dropout must be a finite number"),
+    ("hardware", "devices", 0, "hardware.devices must be a positive integer or auto"),
+    ("hardware", "devices", "all", "hardware.devices must be a positive integer or auto, got 'all'"),
+    ("hardware", "num_workers", -1, "hardware.num_workers >= 0"),
+    ("hardware", "strategy", "horovod", "hardware.strategy must be auto, ddp, fsdp or deepspeed"),
+    ("training", "loggers", "csv", "training.loggers must be list"),
 ])
 def test_impossible_values_name_the_key(tmp_path, section, key, value, message):
     assert message in config_error(tmp_path, {section: {key: value}})
@@ -63,3 +71,16 @@ def test_shipped_configs_are_valid():
         cfg = load_config(name)
         assert yaml.safe_load(open(name))  # and they are plain YAML
         assert cfg.training.seq_len <= model_config(cfg, 50304).max_seq_len
+
+
+def test_model_section_has_exactly_model_config_s_keys():
+    """config.Model repeats model.ModelConfig's fields (each optional): the two lists cannot drift apart."""
+    import dataclasses
+    import typing
+
+    from config import Model
+    from model import ModelConfig
+
+    ours = {f.name: typing.get_type_hints(Model)[f.name] for f in dataclasses.fields(Model)}
+    theirs = {f.name: typing.Optional[typing.get_type_hints(ModelConfig)[f.name]] for f in dataclasses.fields(ModelConfig)}
+    assert ours == theirs

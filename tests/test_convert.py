@@ -15,7 +15,7 @@ import eval_val
 import evaluate_checkpoints
 import finetune
 import infer
-from checkpoint import load_model, model_state_dict, save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from config import UsageError
 from data import load_tokenizer
 from model import ModelConfig, Transformer
@@ -58,7 +58,7 @@ def save_tiny_checkpoint(path, tokenizer_spec, seed=0, **model_fields):
         for p in model.parameters():  # norm gains away from 1, so a swapped norm cannot hide; large enough
             p.add_(torch.randn_like(p) * 0.3)  # that greedy decoding varies (tied embeddings at init repeat a token)
     meta = {"kind": "sft", "step": 7, "model_config": vars(model.config).copy(), "tokenizer": tokenizer_spec}
-    save_checkpoint({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "meta": meta}, str(path))
+    save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, str(path))
     return model.eval()
 
 
@@ -221,7 +221,7 @@ def test_export_then_import_gives_back_the_same_weights(tiny_ckpt, tmp_path):
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back.ckpt")])
     from checkpoint import load_checkpoint
 
-    before, after = (model_state_dict(load_checkpoint(str(p))) for p in (tiny_ckpt, tmp_path / "back.ckpt"))
+    before, after = (load_checkpoint(str(p))["state_dict"] for p in (tiny_ckpt, tmp_path / "back.ckpt"))
     assert before.keys() == after.keys()
     for name in before:
         assert torch.equal(before[name], after[name]), name

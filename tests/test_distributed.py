@@ -3,37 +3,53 @@
 One run of 4 steps, then the same folder resumed to 8 steps, compared with a single process
 that trains the same global batch (micro_batch_size doubled): the ranks see disjoint halves of
 exactly the single process's batches, the losses and weights agree, checkpoints are written once.
-Batches are recorded by a small wrapper script (Lightning starts rank 1 by re-running the command,
-so the recording must live in the script it runs, not in this process).
+Batches are recorded by a small wrapper script around training.loader (Lightning starts rank 1 by
+re-running the command, so the recording must live in the script it runs, not in this process).
 """
 
 import csv
 import json
 
-import torch
 import yaml
 
-import train
-from checkpoint import load_checkpoint, model_state_dict, read_meta
+from checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, run_script, write_config
 
 RECORDER = f'''
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
-import config, train
+import config, finetune, train, training
 
-def record_batches(original):
-    """Wrap LanguageModel.training_step: append (rank, step, first tokens of each row) to batches.jsonl."""
-    def training_step(self, batch, batch_idx):
-        rows = [row[:8].tolist() for row in batch[0]]
-        with open(sys.argv[-1], "a") as f:
-            f.write(json.dumps({{"rank": self.global_rank, "step": self.global_step, "rows": rows}}) + "\\n")
-        return original(self, batch, batch_idx)
-    return training_step
+original_loader = training.loader
 
-train.LanguageModel.training_step = record_batches(train.LanguageModel.training_step)
-config.run_cli(lambda: train.main(sys.argv[1:-1]))
+
+def recording_loader(samples, t, fabric, start, stop, shuffle, collate_fn=None, workers=0):
+    \"\"\"training.loader, appending (rank, step, first tokens of each row) of every training batch to the log.\"\"\"
+    batches = original_loader(samples, t, fabric, start, stop, shuffle, collate_fn, workers)
+    if not shuffle:  # validation
+        return batches
+    first_step = start // (t.micro_batch_size * t.grad_accum_steps * fabric.world_size)
+
+    def record():
+        for i, (x, y) in enumerate(batches):
+            with open(sys.argv[-1], "a") as f:
+                rows = [row[:8].tolist() for row in x]
+                f.write(json.dumps({{"rank": fabric.global_rank, "step": first_step + i // t.grad_accum_steps,
+                                    "rows": rows}}) + "\\n")
+            yield x, y
+    return record()
+
+
+training.loader = recording_loader
+script = {{"train.py": train, "finetune.py": finetune}}[sys.argv[1]]
+config.run_cli(lambda: script.main(sys.argv[2:-1]))
 '''
+
+
+def record(tmp_path, script, *args):
+    """Run `python SCRIPT ARGS` through the recorder (Lightning starts rank 1 by re-running this same command)."""
+    (tmp_path / "record.py").write_text(RECORDER)
+    return run_script(tmp_path / "record.py", script, *args, tmp_path / "batches.jsonl")
 
 
 def read_batches(path) -> list[dict]:
@@ -46,35 +62,26 @@ def metrics(folder, column) -> dict:
         return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
 
 
-def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     settings = {"training": {"max_steps": 4, "save_every": 2, "val_every": 2, "log_every": 1, "keep_last": 0}}
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir(), ddp.mkdir()
 
     # One process, micro_batch_size 8: the global batch is 8 sequences.
     single_config = write_config(single, {**settings, "training": {**settings["training"], "micro_batch_size": 8}})
-    single_batches = []
-    original = train.LanguageModel.training_step
-
-    def recording(self, batch, batch_idx):
-        single_batches.append({"step": self.global_step, "rows": [row[:8].tolist() for row in batch[0]]})
-        return original(self, batch, batch_idx)
-    monkeypatch.setattr(train.LanguageModel, "training_step", recording)
-    assert train.main(["--config", str(single_config)]) == 0
-    assert train.main(["--config", str(single_config), "--set", "training.max_steps=8"]) == 0  # resume 4 -> 8
+    record(single, "train.py", "--config", single_config)
+    record(single, "train.py", "--config", single_config, "--set", "training.max_steps=8")  # resume 4 -> 8
 
     # Two processes, micro_batch_size 4 each: 4 x 2 ranks = the same 8 sequences per step.
-    (tmp_path / "record.py").write_text(RECORDER)
     ddp_config = write_config(ddp, {**settings, "hardware": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
-    log = tmp_path / "batches.jsonl"
-    first = run_script(tmp_path / "record.py", "--config", ddp_config, log)
+    first = record(ddp, "train.py", "--config", ddp_config)
     assert "device: cpu x 2" in first.stdout and "32 tokens x 1 accum x 2 devices" in first.stdout
     assert first.stdout.count("done:") == 1  # rank 0 reports, once
-    resumed = run_script(tmp_path / "record.py", "--config", ddp_config, "--set", "training.max_steps=8", log)
+    resumed = record(ddp, "train.py", "--config", ddp_config, "--set", "training.max_steps=8")
     assert "resuming from" in resumed.stdout
 
     # The two ranks split every step's global batch into disjoint halves of the single process's batch.
-    ddp_batches = read_batches(log)
+    single_batches, ddp_batches = read_batches(single / "batches.jsonl"), read_batches(ddp / "batches.jsonl")
     for step in range(8):
         rank0 = [r for b in ddp_batches if b["step"] == step and b["rank"] == 0 for r in b["rows"]]
         rank1 = [r for b in ddp_batches if b["step"] == step and b["rank"] == 1 for r in b["rows"]]
@@ -90,8 +97,8 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
         for step in ours:
             assert abs(ours[step] - reference[step]) < 2e-4, (column, step, ours[step], reference[step])
     final = load_checkpoint(str(ddp / "checkpoints" / "final.ckpt"))
-    expected = model_state_dict(load_checkpoint(str(single / "checkpoints" / "final.ckpt")))
-    for name, tensor in model_state_dict(final).items():
+    expected = load_checkpoint(str(single / "checkpoints" / "final.ckpt"))["state_dict"]
+    for name, tensor in final["state_dict"].items():
         assert (tensor - expected[name]).abs().max() < 1e-4, (name, (tensor - expected[name]).abs().max())
     assert final["meta"]["tokens_seen"] == read_meta(str(single / "checkpoints" / "final.ckpt"))["tokens_seen"]
 
@@ -108,14 +115,12 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
 def test_ddp_finetuning_splits_batches_writes_once_and_resumes(tmp_path, tiny_ckpt):
     """finetune.py on two CPU processes: disjoint examples per rank, one set of checkpoints, resume works.
 
-    Losses are compared loosely: each rank averages over its own supervised tokens (examples differ in
-    length), so the DDP gradient is a mean of two means rather than one mean over all response tokens.
+    Validation sums over both ranks, so its loss is the single process's; training losses are compared
+    loosely: each rank averages over its own supervised tokens (examples differ in length), so the DDP
+    gradient is a mean of two means rather than one mean over all response tokens.
     """
     from test_finetune import sft_config
 
-    recorder = RECORDER.replace("import config, train", "import config, finetune, train").replace(
-        "train.main(sys.argv[1:-1])", "finetune.main(sys.argv[1:-1])")
-    (tmp_path / "record.py").write_text(recorder)
     steps = {"max_steps": 4, "save_every": 2, "val_every": 2, "log_every": 1, "keep_last": 0}
     (tmp_path / "ddp").mkdir()
     ddp_config = sft_config(tmp_path / "ddp", tiny_ckpt, **steps)
@@ -123,13 +128,12 @@ def test_ddp_finetuning_splits_batches_writes_once_and_resumes(tmp_path, tiny_ck
         config = yaml.safe_load(f)
     config["hardware"] = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
     ddp_config.write_text(yaml.safe_dump(config))
-    log = tmp_path / "batches.jsonl"
-    first = run_script(tmp_path / "record.py", "--config", ddp_config, "--set", "training.max_steps=2", log)
+    first = record(tmp_path, "finetune.py", "--config", ddp_config, "--set", "training.max_steps=2")
     assert "x 2 devices" in first.stdout and first.stdout.count("done:") == 1
-    resumed = run_script(tmp_path / "record.py", "--config", ddp_config, log)
+    resumed = record(tmp_path, "finetune.py", "--config", ddp_config)
     assert "resuming from" in resumed.stdout
 
-    batches = read_batches(log)
+    batches = read_batches(tmp_path / "batches.jsonl")
     for step in range(4):
         rank0 = [r for b in batches if b["step"] == step and b["rank"] == 0 for r in b["rows"]]
         rank1 = [r for b in batches if b["step"] == step and b["rank"] == 1 for r in b["rows"]]

@@ -115,7 +115,7 @@ def untrained_ckpt(tiny_ckpt, tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**meta["model_config"]))
     path = tmp_path_factory.mktemp("untrained") / "step0.ckpt"
-    save_checkpoint({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "meta": meta}, str(path))
+    save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, str(path))
     return path
 
 

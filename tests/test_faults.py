@@ -7,15 +7,18 @@ non-finite-loss stop and keep_last; this file uses real processes and real signa
 """
 
 import csv
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint, model_state_dict, read_meta
+import training
+from checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, write_config
 
 
@@ -52,7 +55,7 @@ def every_ckpt_loads(folder) -> list[str]:
 
 
 def final_weights(folder):
-    return model_state_dict(load_checkpoint(str(folder / "final.ckpt")))
+    return load_checkpoint(str(folder / "final.ckpt"))["state_dict"]
 
 
 def train_losses(folder) -> dict:
@@ -120,7 +123,7 @@ def test_kill_9_during_a_large_checkpoint_write_leaves_only_whole_checkpoints(tm
     partial = list(ckpts.glob("*.ckpt.tmp*"))
     assert partial, "the kill was meant to land while a checkpoint was being written"
     every_ckpt_loads(ckpts)
-    resume = train.find_resume_checkpoint(str(ckpts), *model_and_tokenizer(config))
+    resume = training.find_resume_checkpoint(str(ckpts), *model_and_tokenizer(config))
     assert resume is not None and resume[1]["step"] >= 1  # auto-resume picks a whole checkpoint, never the .tmp
     load_checkpoint(resume[0])  # (that the same command then finishes exactly is the test above)
 
@@ -132,17 +135,19 @@ def model_and_tokenizer(config):
     return model_config(cfg, 50304), "gpt2", "pretrain"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code):
+    """Ctrl-C, and SIGTERM (kill, a container stop, a cluster scheduler), finish the step, save, and exit."""
     config = write_config(tmp_path, {"training": {"max_steps": 100000, "log_every": 1, "val_every": 1000,
                                                   "save_every": 1000, "grad_accum_steps": 2}})
-    proc = start_training(config)
+    proc = start_training(config, "--no_resume")
     wait_for(lambda: (tmp_path / "checkpoints" / "metrics.csv").exists(), proc, poll=0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     line = next(line for line in err.splitlines() if line.startswith("interrupted at step"))
-    assert "to resume, run the same command again: python train.py --config" in line
+    assert line.endswith(f"to resume, run the same command again: python train.py --config {config}")  # no --no_resume
     step = int(line.split()[3].rstrip(":"))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert read_meta(str(last))["step"] == step >= 1
@@ -153,32 +158,30 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 
 def test_ctrl_c_mid_gradient_accumulation_resumes_exactly(tmp_path, monkeypatch):
-    """grad_accum_steps=2: Ctrl-C after an odd micro-batch saves the last optimizer step's weights; the
-    resumed run redoes the half-finished step from its first micro-batch and ends bit-identical."""
+    """grad_accum_steps=2: Ctrl-C during the first micro-batch of step 4 finishes that step, saves it, exits 130;
+    the resumed run ends bit-identical to an uninterrupted one."""
     settings = {"training": {"max_steps": 8, "val_every": 4, "log_every": 1, "grad_accum_steps": 2}}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir(), stopped.mkdir()
     assert train.main(["--config", str(write_config(straight, settings))]) == 0
 
     config = write_config(stopped, settings)
-    interrupt_at_micro_batch = 7  # the first micro-batch of step 4 is done, the second is not
+    interrupt_at_micro_batch = 7  # the first micro-batch of step 4 (1-based)
     calls = []
-    original = train.LanguageModel.training_step
+    original = training.token_loss
 
-    def interrupted_step(self, batch, batch_idx):
-        calls.append(batch_idx)
+    def interrupted_loss(logits, labels):
+        calls.append(1)
         if len(calls) == interrupt_at_micro_batch:
-            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
-        return original(self, batch, batch_idx)
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process
+        return original(logits, labels)
 
-    sigint_handler = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while shutting down
     with monkeypatch.context() as m:
-        m.setattr(train.LanguageModel, "training_step", interrupted_step)
+        m.setattr(training, "token_loss", interrupted_loss)
         assert train.main(["--config", str(config)]) == 130
-    signal.signal(signal.SIGINT, sigint_handler)
-    done_steps = (interrupt_at_micro_batch - 1) // 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop gave the handler back
     meta = read_meta(str(stopped / "checkpoints" / "last.ckpt"))
-    assert meta["step"] == done_steps and meta["tokens_seen"] == done_steps * 2 * 4 * 32
+    assert meta["step"] == 4 and meta["tokens_seen"] == 4 * 2 * 4 * 32
     assert train.main(["--config", str(config)]) == 0
 
     expected = final_weights(straight / "checkpoints")

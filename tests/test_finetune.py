@@ -5,10 +5,8 @@ The base model is the tiny_ckpt fixture (a 6-step tiny pretraining run shared by
 """
 
 import json
-import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import yaml
 
 import data
 import finetune
+import training
 from checkpoint import load_model, read_meta
 from conftest import ROOT, TINY_CONFIG, run_script
 from config import UsageError
@@ -24,11 +23,11 @@ from data import format_instruction, load_tokenizer
 TOK = load_tokenizer("gpt2")
 
 
-def sft_config(folder, base, **training):
+def sft_config(folder, base, **settings):
     """A tiny SFT config: TINY_CONFIG's training keys, no model dims, data/tiny_instructions.jsonl."""
     config = {
         "finetune": {"base_checkpoint": str(base)},
-        "training": {**TINY_CONFIG["training"], "checkpoint_dir": str(folder / "sft"), **training},
+        "training": {**TINY_CONFIG["training"], "checkpoint_dir": str(folder / "sft"), **settings},
         "data": {"dataset": str(ROOT / "data" / "tiny_instructions.jsonl"), "val_docs": 20},
     }
     path = folder / "sft.yaml"
@@ -105,16 +104,6 @@ def test_batches_are_padded_to_their_longest_example():
     short = len(samples[0][0])
     assert (x[0, short:] == TOK.eos_id).all() and (y[0, short:] == -100).all()
     assert torch.equal(y[1], samples[1][1])
-
-
-def test_batch_without_supervised_tokens_is_skipped(tiny_ckpt):
-    import train
-
-    meta = read_meta(str(tiny_ckpt))
-    cfg = finetune.load_finetune_config(sft_config(tiny_ckpt.parent.parent, tiny_ckpt))
-    module = train.LanguageModel(cfg, finetune.read_base(cfg)[1], meta["tokenizer"], kind="sft")
-    x = torch.zeros(2, 8, dtype=torch.long)
-    assert module.training_step((x, torch.full_like(x, -100)), 0) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +211,10 @@ def test_datasets_library_path_reads_the_same_records(tmp_path, tiny_ckpt):
 
 def response_loss(ckpt, samples) -> float:
     """Mean loss on the supervised (response) tokens of `samples` under the weights in `ckpt`."""
-    from train import LanguageModel
-
     model, _ = load_model(str(ckpt))
     x, y = finetune.pad_batch(samples, TOK.eos_id)
     with torch.no_grad():
-        return float(LanguageModel.token_loss(model(x), y))
+        return float(training.token_loss(model(x), y))
 
 
 def test_finetuning_lowers_response_loss_and_resumes(tmp_path, tiny_ckpt, capsys):
@@ -254,37 +241,25 @@ def test_finetuning_lowers_response_loss_and_resumes(tmp_path, tiny_ckpt, capsys
 
 
 # ---------------------------------------------------------------------------------------------
-# Plateau LR cuts and early stopping (train.Plateau, used by train.py and finetune.py)
+# Plateau LR cuts and early stopping (training.after_validation, used by train.py and finetune.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_plateau_cut_survives_the_schedule_and_does_not_reset_early_stopping(tmp_path, tiny_ckpt):
-    import train
-
     cfg = finetune.load_finetune_config(sft_config(tmp_path, tiny_ckpt), [
         "training.lr_schedule=plateau", "training.warmup_ratio=0", "training.max_steps=100",
         "training.reduce_on_plateau.patience=2", "training.reduce_on_plateau.factor=0.5",
         "training.early_stopping.enabled=true", "training.early_stopping.patience=5"])
-    module = train.LanguageModel(cfg, finetune.read_base(cfg)[1], "gpt2", kind="sft")
-    optimizers = module.configure_optimizers()
-    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    trainer = SimpleNamespace(callback_metrics={}, sanity_checking=False, should_stop=False, global_step=0,
-                              optimizers=[optimizer], is_global_zero=True)
-    plateau = train.Plateau(cfg.training)
-
-    lrs = []
+    t, state = cfg.training, training.TrainState()
+    lrs, stops = [], []
     for val_loss in [2.0, 2.1, 2.1, 2.1, 2.1, 2.1]:  # one improvement, then five stale validations
-        trainer.callback_metrics["val_loss"] = torch.tensor(val_loss)
-        plateau.on_validation_end(trainer, module)
-        lrs.append(optimizer.param_groups[0]["lr"])
-        for _ in range(3):  # training steps between validations: the schedule runs
-            optimizer.step()
-            scheduler.step()
-            trainer.global_step += 1
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])  # ... and keeps the cut LR
-        if val_loss == 2.1 and plateau.stale < 5:
-            assert not trainer.should_stop
-    lr = cfg.training.lr
-    assert lrs == pytest.approx([lr, lr, lr / 2, lr / 2, lr / 4, lr / 4])
-    assert trainer.should_stop and plateau.stale == 5  # the two cuts did not reset the stopping count
-    assert plateau.state_dict() == {"best": 2.0, "stale": 5, "stale_since_cut": 1}
+        cut, stop = training.after_validation(state, val_loss, t)
+        stops.append(stop)
+        for _ in range(3):  # training steps between validations: the schedule keeps the cut LR
+            lrs.append(t.lr * training.lr_multiplier(state.step, t, plateau_scale=state.plateau_scale))
+            state.step += 1
+    lr = t.lr
+    assert lrs[::3] == pytest.approx([lr, lr, lr / 2, lr / 2, lr / 4, lr / 4])
+    assert lrs[1::3] == lrs[::3] and lrs[2::3] == lrs[::3]
+    assert stops == [False] * 5 + [True] and state.stale == 5  # the two cuts did not reset the stopping count
+    assert (state.plateau_best, state.stale, state.stale_since_cut) == (2.0, 5, 1)

@@ -29,7 +29,7 @@ def write_checkpoint(path, kind="pretrain", vocab_size=50304, seed=0):
         model.embed.weight.mul_(5)
     meta = {"kind": kind, "step": 7, "epoch": 0.5, "tokens_seen": 1000, "train_loss": 5.0, "val_loss": 5.5,
             "n_params": model.num_parameters(), "model_config": vars(config), "config": {}, "tokenizer": "gpt2"}
-    save_checkpoint({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "meta": meta}, str(path))
+    save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, str(path))
     return path
 
 

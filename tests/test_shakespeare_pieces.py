@@ -109,17 +109,24 @@ def test_cache_key_follows_content_tokenizer_and_settings(tmp_path, own_tokenize
     assert cache_key(base, "train", gpt2) != key
 
 
-def test_cache_off_tokenizes_every_time(tmp_path):
+def test_cache_off_tokenizes_every_time(monkeypatch):
     cfg = Data(dataset=str(CORPUS), val_docs=4, cache_dir=None)
-    tokens = load_tokens(split_documents(cfg)[1], load_tokenizer("gpt2"), cfg, "val")
-    assert len(tokens) > 0 and not (tmp_path / ".cache").exists()
+    calls, original = [], data_module.tokenize_documents
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(data_module, "tokenize_documents", counting)
+    first = load_tokens(split_documents(cfg)[1], load_tokenizer("gpt2"), cfg, "val")
+    second = load_tokens(split_documents(cfg)[1], load_tokenizer("gpt2"), cfg, "val")
+    assert len(calls) == 2 and torch.equal(first, second) and len(first) > 0
 
 
 # --- training.max_time: the LR schedule runs on the clock --------------------------------------
 
 
 def test_time_budget_schedule_follows_the_clock():
-    from train import lr_multiplier
+    from training import lr_multiplier
 
     t = Training(max_steps=10**6, max_time=100.0, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert lr_multiplier(0, t, elapsed=5.0) == pytest.approx(0.5)  # half-way through the warm-up
@@ -136,24 +143,30 @@ def test_time_budget_schedule_follows_the_clock():
     assert lr_multiplier(50, plain, elapsed=1e9) == lr_multiplier(50, plain)
 
 
-def test_resume_continues_the_clock(tmp_path):
+def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
+    """The time budget goes on from where it stood; reset_lr_on_resume restarts it with the schedule."""
+    from lightning_fabric import Fabric
+
+    import training
     from config import load_config, model_config
-    from train import LanguageModel, already_done, lr_multiplier
+    from model import Transformer
+
+    meta = read_meta(str(tiny_ckpt))
+    trained = meta["train_state"]["train_time"]
+    assert trained > 0
+    for reset in (False, True):
+        cfg = load_config(str(write_config(tmp_path, {"training": {"reset_lr_on_resume": reset}})))
+        fabric = Fabric(accelerator="cpu", devices=1)
+        model = Transformer(model_config(cfg, meta["model_config"]["vocab_size"]))
+        optimizers, _ = training.make_optimizers(model, cfg.training)
+        model, optimizers = training.setup(fabric, model, optimizers)
+        state = training.resume(fabric, str(tiny_ckpt), model, optimizers, cfg.training)
+        assert state.step == 6
+        assert (state.train_time, state.schedule_offset) == ((0.0, 6) if reset else (trained, 0))
 
     cfg = load_config(str(write_config(tmp_path, {"training": {"max_time": 100.0, "max_steps": 10**6}})))
-    module = LanguageModel(cfg, model_config(cfg, 64), "gpt2")
-    checkpoint = {"meta": {"step": 40, "tokens_seen": 0, "train_loss": None, "val_loss": None, "train_time": 60.0},
-                  "optimizer_states": [{"param_groups": [{"lr": 0.0}]}]}
-    module.on_load_checkpoint(checkpoint)
-    assert module.clock == module.elapsed() == 60.0  # the budget goes on from where it stood
-    expected = cfg.training.lr * lr_multiplier(40, cfg.training, elapsed=60.0)
-    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(expected)
-    assert already_done(("x.ckpt", {"step": 40, "train_time": 100.5}), cfg.training)
-    assert not already_done(("x.ckpt", {"step": 40, "train_time": 60.0}), cfg.training)
-
-    cfg.training.reset_lr_on_resume = True  # a restarted schedule restarts the clock too
-    module.on_load_checkpoint({"meta": {**checkpoint["meta"]}})
-    assert module.clock == 0.0
+    assert training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 100.5}}), cfg.training)
+    assert not training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 60.0}}), cfg.training)
 
 
 def test_training_stops_when_time_is_up(tmp_path):

@@ -1,41 +1,59 @@
-"""train.py: LR schedule, optimizer groups, checkpoint cadence and contents, resume, clipping, the smoke run."""
+"""train.py and training.py: LR schedule, optimizer groups, checkpoint cadence and contents, resume, clipping,
+non-finite losses, loggers, and the smoke run."""
 
+import ast
 import csv
 import json
 import math
+import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint, model_state_dict, read_meta
+import training
+from checkpoint import load_checkpoint, read_meta
 from config import Training, UsageError
-from conftest import run_script, write_config
+from conftest import ROOT, run_script, write_config
 
 
 def test_warmup_cosine_schedule_values():
     t = Training(max_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
-    assert [train.lr_multiplier(s, t) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warm-up over 10 steps
-    assert train.lr_multiplier(10, t) == 1.0  # peak right after warm-up
-    assert train.lr_multiplier(55, t) == pytest.approx(0.55)  # half-way down the cosine: (1 + 0.1) / 2
-    assert train.lr_multiplier(100, t) == pytest.approx(0.1)  # ends at min_lr_ratio
-    assert train.lr_multiplier(500, t) == pytest.approx(0.1)  # and stays there
+    assert [training.lr_multiplier(s, t) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warm-up over 10 steps
+    assert training.lr_multiplier(10, t) == 1.0  # peak right after warm-up
+    assert training.lr_multiplier(55, t) == pytest.approx(0.55)  # half-way down the cosine: (1 + 0.1) / 2
+    assert training.lr_multiplier(100, t) == pytest.approx(0.1)  # ends at min_lr_ratio
+    assert training.lr_multiplier(500, t) == pytest.approx(0.1)  # and stays there
 
 
-def test_plateau_schedule_is_flat_after_warmup():
-    t = Training(max_steps=100, warmup_ratio=0.1, lr_schedule="plateau")
-    assert train.lr_multiplier(4, t) == 0.5 and train.lr_multiplier(99, t) == 1.0
+def test_plateau_schedule_is_flat_after_warmup_and_follows_the_plateau_scale():
+    t = Training(max_steps=100, warmup_ratio=0.1, lr_schedule="plateau", lr=1e-3)
+    assert training.lr_multiplier(4, t) == 0.5 and training.lr_multiplier(99, t) == 1.0
+    assert training.lr_multiplier(50, t, plateau_scale=0.25) == 0.25
+    assert training.lr_multiplier(50, t, plateau_scale=1e-9) == pytest.approx(1e-6 / 1e-3)  # reduce_on_plateau.min_lr
 
 
 def test_weight_decay_only_on_matrices():
     from model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig(vocab_size=64, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32))
-    decay, no_decay = train.adamw(model, Training(weight_decay=0.1)).param_groups
+    optimizers, peak_lrs = training.make_optimizers(model, Training(weight_decay=0.1, lr=2e-3))
+    decay, no_decay = optimizers["adamw"].param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])  # RMSNorm gains
+    assert peak_lrs == {"adamw": [2e-3, 2e-3]}
+
+
+def test_token_loss_is_the_mean_over_labelled_positions_and_zero_without_labels():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :3] = -100
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(training.token_loss(logits, labels), expected)
+    none = training.token_loss(logits, torch.full_like(labels, -100))  # e.g. an SFT batch whose responses were cut
+    none.backward()
+    assert none.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
 
 
 def test_checkpoint_cadence_and_contents(tiny_run):
@@ -49,31 +67,38 @@ def test_checkpoint_cadence_and_contents(tiny_run):
     assert meta["tokens_seen"] == 6 * 4 * 32  # steps x micro batch x seq_len
     assert meta["config"]["training"]["max_steps"] == 6 and meta["model_config"]["d_model"] == 32
     assert math.isfinite(meta["train_loss"]) and math.isfinite(meta["val_loss"])
-    assert "optimizer_states" in final  # enough to resume
+    assert meta["train_state"]["step"] == 6 and meta["train_state"]["best_val_loss"] <= meta["val_loss"]
+    assert set(final) == {"state_dict", "adamw", "rng", "meta"}  # weights, optimizer, random state: enough to resume
     assert read_meta(str(tiny_run / "final.ckpt")) == json.loads(json.dumps(meta))  # the sidecar agrees
     with open(tiny_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows if r["train_loss"]] == ["2", "4", "6"]
     assert [r["step"] for r in rows if r["val_loss"]] == ["3", "6"]
+    assert {"tokens_seen", "lr", "tokens_per_s", "mfu", "val_ppl", "val_acc", "elapsed_s"} <= set(rows[0])
 
 
 def crash_at_step(monkeypatch, step):
-    """Make training die (like a killed process, no clean-up) once `step` optimizer steps are done."""
-    original = train.TrainingLog.on_train_batch_end
+    """Make training die (like a killed process: no clean-up, no checkpoint) when it starts optimizer step `step`."""
+    original = training.lr_multiplier
 
-    def crashing(self, trainer, *args):
-        original(self, trainer, *args)
-        if trainer.global_step == step:
+    def crashing(s, *args, **kwargs):
+        if s == step:
             raise RuntimeError("simulated crash")
-    monkeypatch.setattr(train.TrainingLog, "on_train_batch_end", crashing)
+        return original(s, *args, **kwargs)
+    monkeypatch.setattr(training, "lr_multiplier", crashing)
 
 
 def weights(folder):
-    return model_state_dict(load_checkpoint(str(folder / "checkpoints" / "final.ckpt")))
+    return load_checkpoint(str(folder / "checkpoints" / "final.ckpt"))["state_dict"]
+
+
+def train_losses(folder) -> dict:
+    with open(folder / "metrics.csv") as f:
+        return {r["step"]: r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]}
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    settings = {"training": {"max_steps": 8, "val_every": 4}}
+    settings = {"training": {"max_steps": 8, "val_every": 4, "log_every": 1}, "model": {"dropout": 0.1}}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir(), crashed.mkdir()
     assert train.main(["--config", str(write_config(straight, settings))]) == 0
@@ -86,13 +111,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert read_meta(str(crashed / "checkpoints" / "last.ckpt"))["step"] == 4
     assert train.main(["--config", str(config)]) == 0  # the same command resumes from step 4
 
-    for name, tensor in weights(straight).items():
+    for name, tensor in weights(straight).items():  # dropout too: the random state is restored
         torch.testing.assert_close(weights(crashed)[name], tensor, rtol=0, atol=0, msg=name)
-    with open(straight / "checkpoints" / "metrics.csv") as f:
-        straight_losses = {r["step"]: r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]}
-    with open(crashed / "checkpoints" / "metrics.csv") as f:
-        crashed_losses = {r["step"]: r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]}
-    assert crashed_losses["6"] == straight_losses["6"] and crashed_losses["8"] == straight_losses["8"]
+    straight_losses, crashed_losses = train_losses(straight / "checkpoints"), train_losses(crashed / "checkpoints")
+    assert crashed_losses == straight_losses and len(straight_losses) == 8  # one row per step, the same losses
 
 
 def test_resume_with_more_steps_replans_the_schedule(tiny_run, tmp_path):
@@ -104,7 +126,7 @@ def test_resume_with_more_steps_replans_the_schedule(tiny_run, tmp_path):
     with open(folder / "checkpoints" / "metrics.csv") as f:
         lr_at_8 = float(next(r["lr"] for r in csv.DictReader(f) if r["step"] == "8" and r["lr"]))
     t = Training(max_steps=10, warmup_ratio=0.2, lr=3e-3)
-    assert lr_at_8 == pytest.approx(3e-3 * train.lr_multiplier(8, t), rel=1e-3)  # the NEW schedule
+    assert lr_at_8 == pytest.approx(3e-3 * training.lr_multiplier(7, t), rel=1e-6)  # step 8 = index 7, NEW schedule
 
 
 def test_incompatible_checkpoint_stops_with_a_message(tiny_run, tmp_path):
@@ -120,13 +142,10 @@ def test_gradient_clipping_is_always_applied(tmp_path, monkeypatch):
     norms = []
     original_step = torch.optim.AdamW.step
 
-    def recording_step(self, closure, **kwargs):
-        def measured_closure():  # Lightning computes and clips the gradients inside the closure
-            loss = closure()
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
-            return loss
-        return original_step(self, measured_closure, **kwargs)
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return original_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     config = write_config(tmp_path, {"training": {"max_steps": 3, "grad_clip": 0.01}})
     assert train.main(["--config", str(config)]) == 0
@@ -137,10 +156,76 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     folder = tmp_path / "nan"
     shutil.copytree(tiny_run, folder / "checkpoints")
     good = (folder / "checkpoints" / "last.ckpt").read_bytes()
-    monkeypatch.setattr(train.LanguageModel, "loss", lambda self, batch: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(training, "token_loss", lambda logits, labels: logits.float().sum() * float("nan"))
     assert train.main(["--config", str(write_config(folder, {"training": {"max_steps": 10}}))]) == 1
     assert "loss became nan at step 6" in capsys.readouterr().err
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """Weights that went inf/nan in the optimizer step before a save (the loss was still finite) are not saved."""
+    original_step, calls = torch.optim.AdamW.step, []
+
+    def poisoning_step(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # step 2, which save_every=2 checkpoints
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    assert train.main(["--config", str(write_config(tmp_path, {"training": {"max_steps": 4}}))]) == 1
+    assert "the weights became inf/nan by step 2" in capsys.readouterr().err
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_loggers_config_refuses_a_logger_that_is_not_installed(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    config = write_config(tmp_path, {"training": {"loggers": ["csv", "wandb"]}})
+    with pytest.raises(UsageError, match="training.loggers: wandb needs the wandb package: pip install wandb"):
+        train.main(["--config", str(config)])
+    with pytest.raises(UsageError, match="unknown logger 'neptune'"):
+        train.main(["--config", str(write_config(tmp_path, {"training": {"loggers": ["neptune"]}}))])
+
+
+def test_without_the_csv_logger_there_is_no_metrics_file(tmp_path):
+    assert train.main(["--config", str(write_config(tmp_path, {"training": {"max_steps": 2, "loggers": []}}))]) == 0
+    assert (tmp_path / "checkpoints" / "final.ckpt").exists() and not (tmp_path / "checkpoints" / "metrics.csv").exists()
+
+
+def test_no_private_lightning_state_anywhere():
+    """No module reads or writes a `_`-prefixed attribute of a Lightning object, nor imports a private name."""
+    offenders = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("benchmarks/*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and "lightning" in node.module:
+                offenders += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                              if a.name.startswith("_") or "._" in node.module]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = ast.unparse(node.value)
+                if any(word in owner for word in ("fabric", "trainer", "strategy", "lightning")):
+                    offenders.append(f"{path.name}: {owner}.{node.attr}")
+    text = "\n".join(p.read_text() for p in ROOT.glob("*.py"))
+    for name in ("_checkpoint_connector", "fit_loop", "_last_lr", "base_lrs"):
+        if name in text:
+            offenders.append(name)
+    assert offenders == []
+
+
+def test_train_py_reads_top_to_bottom_in_run_order():
+    """The learner's order: arguments, config, data, model, optimizer, resume, the loop; short enough to read."""
+    source = (ROOT / "train.py").read_text()
+    assert len(source.splitlines()) <= 350
+    body = source[source.index("def main("):]
+    steps = ["load_config", "load_tokenizer", "start_fabric", "split_documents", "Transformer(", "make_optimizers",
+             "training.resume", "training.fit"]
+    positions = [body.index(step) for step in steps]
+    assert positions == sorted(positions)
+    finetune_source = (ROOT / "finetune.py").read_text()
+    assert not re.search(r"^(import train|from train import)\b", finetune_source, re.M)  # the two scripts are peers
 
 
 def test_smoke_run_end_to_end_through_the_cli(tmp_path):
@@ -148,6 +233,7 @@ def test_smoke_run_end_to_end_through_the_cli(tmp_path):
     folder = tmp_path / "smoke"
     result = run_script("train.py", "--config", "config_smoke.yaml", "--set", f"training.checkpoint_dir={folder}")
     assert "starting from scratch" in result.stdout and "done:" in result.stdout
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     with open(folder / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train_losses = [float(r["train_loss"]) for r in rows if r["train_loss"]]
@@ -164,3 +250,11 @@ def test_a_damaged_sidecar_falls_back_to_the_checkpoint(tiny_ckpt, tmp_path):
     shutil.copyfile(tiny_ckpt, copy)
     (tmp_path / "final.ckpt.json").write_text("{not json")
     assert read_meta(str(copy))["step"] == 6
+
+
+def test_fsdp_on_a_cpu_is_refused_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: FSDP can run")
+    config = write_config(tmp_path, {"hardware": {"strategy": "fsdp"}})
+    with pytest.raises(UsageError, match="hardware.strategy fsdp needs CUDA GPUs .*use hardware.strategy ddp"):
+        train.main(["--config", str(config)])

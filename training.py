@@ -1,0 +1,684 @@
+"""The training loop that train.py (pretraining) and finetune.py (instruction tuning) share, on Lightning Fabric.
+
+Read `fit` first: one optimizer step per turn of its loop, written out in the order it happens
+(learning rate, micro-batches, backward, clipping, optimizer step, logging, validation, checkpoints,
+stopping). Everything else here is what that loop calls:
+
+    fabric = start_fabric(cfg)                          # devices, precision, DDP/FSDP: Lightning's job
+    optimizers, peak_lrs = make_optimizers(model, cfg.training)
+    model, optimizers = setup(fabric, model, optimizers)
+    state = resume(fabric, path, model, optimizers) if path else TrainState()
+    fit(fabric, cfg, run, model, optimizers, peak_lrs, train_samples, val_samples, state)
+
+Lightning does what is hard to get right and easy to get wrong on many devices: launching one process
+per device, autocast, syncing gradients, sharding, gathering a checkpoint. The loop itself, and all the
+state needed to resume it exactly (a plain dict saved in every checkpoint), are ours.
+"""
+
+import csv
+import dataclasses
+import glob
+import logging
+import math
+import os
+import shlex
+import signal
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, pick_device, read_meta, save_checkpoint
+from config import UsageError
+from data import ShuffledPasses, StridedSampler
+
+EXIT_DIVERGED = 1  # the loss or the gradients became inf/nan (the last good checkpoint is kept)
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's codes for these signals
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate and optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, t, elapsed: float = 0.0, plateau_scale: float = 1.0) -> float:
+    """The learning rate of optimizer step `step` as a fraction of the peak (training.lr).
+
+    warmup_cosine: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps, then a half cosine down to
+    min_lr_ratio at max_steps. plateau: flat after warm-up, multiplied by `plateau_scale`, which
+    validation cuts when the loss stalls (never below reduce_on_plateau.min_lr).
+
+    With training.max_time the same shape is laid over the share of the budget used after `elapsed`
+    seconds, p = max((step + 1) / max_steps, elapsed / max_time): warm-up while p < warmup_ratio, then
+    the cosine reaches its floor exactly when time (or steps) run out, however fast the machine is.
+    """
+    if t.max_time:
+        used = max((step + 1) / t.max_steps, elapsed / t.max_time)
+        warming, progress = used < t.warmup_ratio, (used - t.warmup_ratio) / (1 - t.warmup_ratio)
+        warm_fraction = used / t.warmup_ratio if warming else 1.0
+    else:
+        warmup = int(t.warmup_ratio * t.max_steps)
+        warming, progress = step < warmup, (step - warmup) / max(1, t.max_steps - warmup)
+        warm_fraction = (step + 1) / warmup if warming else 1.0
+    if warming:
+        return warm_fraction
+    if t.lr_schedule == "plateau":
+        return max(plateau_scale, t.reduce_on_plateau.min_lr / t.lr)
+    progress = min(1.0, progress)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizers(model: torch.nn.Module, t) -> tuple[dict, dict]:
+    """({name: optimizer}, {name: [peak lr of each param group]}).
+
+    AdamW with weight decay on matrices only: decaying norm gains only hurts. The peak learning rates
+    come from the config (not from a restored optimizer), so a resumed run follows the config it is
+    given now.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    adamw = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return {"adamw": adamw}, {"adamw": [t.lr, t.lr]}
+
+
+def token_loss(logits, labels):
+    """Mean cross-entropy over the labelled positions of (B, T, vocab) logits and (B, T) labels.
+
+    Labels -100 are not scored, so one loss serves packed text (every token supervised) and instruction
+    data (only the responses). A batch with no label at all gives 0 (and zero gradients), not nan.
+    """
+    summed = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return summed / (labels != -100).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state of a run: everything a checkpoint needs to continue exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """The loop's plain state, saved in every checkpoint's meta and restored on resume.
+
+    Weights, optimizer moments and the random generator's state are saved beside it. The data position
+    needs no field: the sampler derives it from `step`.
+    """
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # input tokens of every rank (padding included)
+    supervised_seen: int = 0  # tokens with a label: all in pretraining, the responses in SFT
+    train_time: float = 0.0  # seconds of training (validation included) over every run of this training
+    schedule_offset: int = 0  # the LR schedule counts steps from here (reset_lr_on_resume)
+    best_val_loss: float = math.inf  # best.ckpt holds the weights that reached it
+    last_train_loss: float | None = None
+    last_val_loss: float | None = None
+    # Validation-driven decisions: the plateau LR factor, and validations without improvement counted
+    # for early stopping and (separately, reset by each cut) for the next plateau cut.
+    plateau_scale: float = 1.0
+    plateau_best: float = math.inf
+    stale: int = 0
+    stale_since_cut: int = 0
+    validated_at: int | None = field(default=None, metadata={"saved": False})
+
+
+def after_validation(state: TrainState, val_loss: float, t) -> tuple[bool, bool]:
+    """Update the plateau counters with a new val loss; returns (cut the LR, stop early).
+
+    Both count validations since val loss last beat its best by more than early_stopping.min_delta. A cut
+    does not reset the early-stopping count (a cut that does not help must still lead to stopping), and
+    it lasts: lr_multiplier multiplies plateau_scale in at every step.
+    """
+    if val_loss < state.plateau_best - t.early_stopping.min_delta:
+        state.plateau_best, state.stale, state.stale_since_cut = val_loss, 0, 0
+        return False, False
+    state.stale += 1
+    state.stale_since_cut += 1
+    cut = t.lr_schedule == "plateau" and state.stale_since_cut >= t.reduce_on_plateau.patience
+    if cut:
+        state.plateau_scale *= t.reduce_on_plateau.factor
+        state.stale_since_cut = 0
+    return cut, t.early_stopping.enabled and state.stale >= t.early_stopping.patience
+
+
+@dataclass
+class Run:
+    """What a run is, as its checkpoints record it (meta) and its log lines describe it."""
+
+    kind: str  # pretrain | sft
+    cfg: object  # config.Config
+    model_config: object  # model.ModelConfig
+    tokenizer: str  # the tokenizer's spec (data.Tokenizer.spec)
+    tokens_per_epoch: int  # training tokens in one pass over the data (padding included in SFT)
+    plan: list  # start-up lines that describe the data, the batches and the starting point
+    next_command: str  # suggested when the run is done
+    precision: str = "32"  # Lightning's precision setting, and why it was chosen (start_fabric)
+    precision_why: str = ""
+    peak_flops: float | None = None  # measured fp32 matmul FLOP/s: the yardstick of the MFU figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning Fabric: devices, precision, distribution
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_precision(setting: str, device: torch.device) -> tuple[str, str]:
+    """(Lightning precision, reason). auto: bf16 autocast where the hardware computes bf16 natively."""
+    if setting != "auto":
+        return setting, "set in the config"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "auto: this GPU supports bfloat16"
+        return "16-mixed", "auto: this GPU lacks bfloat16, using float16 with loss scaling"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16-mixed", "auto: this CPU has AVX512-BF16, bf16 matmuls run ~2x faster than fp32"
+    return "32", f"auto: no fast half precision on {device.type}"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX), from Linux's /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def start_fabric(cfg, launch: bool = True):
+    """A Lightning Fabric for cfg.hardware and cfg.training.precision, launched: on return, this process is
+    one rank of the run (others, if any, were started by Lightning and run this same script).
+
+    Returns (fabric, precision, why). A strategy this machine cannot run is refused here, in one line.
+    launch=False only describes the run (finetune.py --dry-run asks it for the world size).
+    """
+    from lightning_fabric import Fabric  # ~4 s to import: only when training really starts
+
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)  # our own start-up lines say what matters
+
+    hw, t = cfg.hardware, cfg.training
+    device = pick_device(hw.accelerator, strict=False)
+    precision, why = choose_precision(t.precision, device)
+    strategy = hw.strategy
+    if strategy == "fsdp":
+        if device.type != "cuda":
+            raise UsageError(f"hardware.strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on "
+                             f"{device.type}): use hardware.strategy ddp")
+        from lightning_fabric.strategies import FSDPStrategy
+
+        from model import Block
+
+        # Each Transformer block is one FSDP unit: its weights are gathered just before it runs and freed
+        # after, so a rank never holds more than one block's full weights (plus its own shards).
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+    fabric = Fabric(accelerator=device.type, devices=hw.devices, num_nodes=hw.num_nodes, strategy=strategy,
+                    precision=precision, plugins=[atomic_checkpoint_io()], loggers=make_loggers(cfg))
+    if launch:
+        fabric.launch()
+    return fabric, precision, why
+
+
+def setup(fabric, model, optimizers: dict):
+    """Hand the model and its optimizers to Fabric (DDP/FSDP wrapping, device placement, precision)."""
+    model, *wrapped = fabric.setup(model, *optimizers.values())
+    return model, dict(zip(optimizers, wrapped))
+
+
+def matmul_peak_flops(device: torch.device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
+    """The yardstick of model FLOPs utilisation (MFU): the median FLOP/s of a large square matmul.
+
+    n = 2048 on a CPU (big enough to reach the machine's best, ~0.1 s per product here), 8192 on a GPU.
+    benchmarks/bench_model.py uses this same function, so its MFU and the training log's agree.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device).manual_seed(0)  # its own: the global random state is dropout's
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    times = []
+    for i in range(repeats + 2):  # two untimed products first: kernels, caches and clocks settle
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_checkpoint_io():
+    """Fabric's CheckpointIO plugin for our files: checkpoint.py's atomic writer and its safe loader.
+
+    Fabric gathers the state on every rank (shards included), then rank 0 calls save_checkpoint.
+    """
+    from lightning_fabric.plugins import CheckpointIO
+
+    class AtomicCheckpointIO(CheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            save_checkpoint(checkpoint, str(path))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            return load_checkpoint(str(path), mmap=False)
+
+        def remove_checkpoint(self, path):
+            os.remove(path)
+
+    return AtomicCheckpointIO()
+
+
+def periodic_checkpoints(folder: str) -> list[str]:
+    """Periodic checkpoints (epoch=E-step=S.ckpt) in `folder`, oldest step first."""
+    paths = glob.glob(os.path.join(glob.escape(folder), "epoch=*-step=*.ckpt"))
+    return sorted(paths, key=lambda p: int(p.rsplit("step=", 1)[1].split(".")[0]))
+
+
+def find_resume_checkpoint(folder: str, model_config, tokenizer_spec: str, kind: str):
+    """(path, meta) of the newest checkpoint in `folder` (not its subfolders) to resume from, or None.
+
+    A checkpoint of another architecture, tokenizer or kind stops the run with a message instead of
+    being silently ignored.
+    """
+    candidates = []
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")):
+        meta = read_meta(path)
+        candidates.append((meta["step"], os.path.getmtime(path), path, meta))
+    if not candidates:
+        return None
+    step, _, path, meta = max(candidates, key=lambda c: (c[0], c[1]))
+    theirs, ours = meta["model_config"], vars(model_config)
+    ignore = {"dropout", "gradient_checkpointing"}  # safe to change between runs
+    for key in ours:
+        if key not in ignore and theirs.get(key) != ours[key]:
+            raise UsageError(f"cannot resume from {path}: its model.{key} is {theirs.get(key)}, the config says "
+                             f"{ours[key]}; pass --no_resume to start over or set training.checkpoint_dir elsewhere")
+    if meta.get("tokenizer") != tokenizer_spec or meta.get("kind") != kind:
+        raise UsageError(f"cannot resume from {path}: it is a {meta.get('kind')} checkpoint with tokenizer "
+                         f"{meta.get('tokenizer')!r}; pass --no_resume or set training.checkpoint_dir elsewhere")
+    if "train_state" not in meta:
+        raise UsageError(f"cannot resume from {path}: it holds no training state (an imported model, or a file "
+                         "from an older version); pass --no_resume or set training.checkpoint_dir elsewhere")
+    return path, meta
+
+
+def already_done(resume, t) -> bool:
+    """True, and says so, when the checkpoint to resume from has already reached training.max_steps/max_time."""
+    if resume and resume[1]["step"] >= t.max_steps:
+        print(f"{resume[0]} is already at step {resume[1]['step']} of training.max_steps={t.max_steps}: "
+              "nothing to do (raise max_steps to train longer, or pass --no_resume)")
+        return True
+    trained = resume[1]["train_state"]["train_time"] if resume else 0.0
+    if resume and t.max_time and not t.reset_lr_on_resume and trained >= t.max_time:
+        print(f"{resume[0]} has already trained {trained:.0f} s of training.max_time={t.max_time:g}: "
+              "nothing to do (raise max_time to train longer, or pass --no_resume)")
+        return True
+    return False
+
+
+def resume(fabric, path: str, model, optimizers: dict, t) -> TrainState:
+    """Restore weights, optimizer moments, random state and the loop's state from a checkpoint."""
+    rest = fabric.load(path, {"state_dict": model, **optimizers}, strict=False, weights_only=True)
+    torch.set_rng_state(rest["rng"]["torch"])
+    if torch.cuda.is_available() and rest["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
+    state = TrainState(**rest["meta"]["train_state"])
+    if t.reset_lr_on_resume:  # the schedule (warm-up included) and the time budget start again here
+        state.schedule_offset, state.train_time = state.step, 0.0
+    return state
+
+
+def save(fabric, run: Run, name: str, model, optimizers: dict, state: TrainState) -> str:
+    """Write folder/name (every rank takes part; rank 0 writes) and point last.ckpt at it.
+
+    Weights that are no longer finite are never saved: FloatingPointError instead, and the newest
+    checkpoint on disk stays the last good one.
+    """
+    broken = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).sum()
+    if fabric.all_reduce(broken.float(), reduce_op="sum") > 0:
+        raise FloatingPointError(f"the weights became inf/nan by step {state.step}")
+    folder = run.cfg.training.checkpoint_dir
+    path = os.path.join(folder, name)
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    fabric.save(path, {"state_dict": model, **optimizers, "rng": rng, "meta": checkpoint_meta(run, model, state)})
+    if fabric.is_global_zero and name != "last.ckpt":
+        link_checkpoint(path, os.path.join(folder, "last.ckpt"))
+    return path
+
+
+def checkpoint_meta(run: Run, model, state: TrainState) -> dict:
+    """What every script reads about a checkpoint (plain data; repeated in the NAME.ckpt.json sidecar)."""
+    saved = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.metadata.get("saved", True)}
+    return {
+        "kind": run.kind,
+        "step": state.step,
+        "epoch": epochs(run, state),
+        "tokens_seen": state.tokens_seen,
+        "supervised_seen": state.supervised_seen,
+        "train_loss": state.last_train_loss,
+        "val_loss": state.last_val_loss,
+        "n_params": (model.module if hasattr(model, "module") else model).num_parameters(),
+        "model_config": vars(run.model_config).copy(),
+        "config": run.cfg.to_dict(),
+        "tokenizer": run.tokenizer,
+        "train_time": round(state.train_time, 3),
+        "matmul_peak_flops": run.peak_flops,
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "train_state": saved,
+    }
+
+
+def epochs(run: Run, state: TrainState) -> float | None:
+    """Passes over the training data so far (fractional)."""
+    return round(state.tokens_seen / run.tokens_per_epoch, 4) if run.tokens_per_epoch else None
+
+
+def prune(folder: str, keep_last: int) -> None:
+    """Delete all but the newest keep_last periodic checkpoints (0 = keep all)."""
+    for old in periodic_checkpoints(folder)[:-keep_last] if keep_last else []:
+        for path in (old, old + META_SUFFIX):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: Lightning's loggers (metrics.csv, and TensorBoard / W&B / MLflow when asked for)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_loggers(cfg) -> list:
+    """One Lightning logger per name in training.loggers (config.py checked that each is installed)."""
+    folder = cfg.training.checkpoint_dir
+    loggers = []
+    for name in cfg.training.loggers:
+        if name == "csv":  # folder/metrics.csv, which list.py, plots.py and explore.py read
+            from lightning_fabric.loggers import CSVLogger
+
+            # It warns that it will replace an existing metrics.csv: fit logs the rows to keep again first.
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            loggers.append(CSVLogger(folder, name="", version="", flush_logs_every_n_steps=1))
+        elif name == "tensorboard":
+            from lightning_fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(folder, name="tensorboard"))
+        elif name == "wandb":
+            from pytorch_lightning.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project="tiny-transformer", save_dir=folder,
+                                       offline=cfg.data.offline or None))
+        elif name == "mlflow":
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            loggers.append(MLFlowLogger(experiment_name="tiny-transformer",
+                                        tracking_uri="file:" + os.path.join(os.path.abspath(folder), "mlruns")))
+    return loggers
+
+
+def logged_rows(metrics_csv: str, up_to_step: int) -> list[dict]:
+    """The rows of an earlier metrics.csv up to a step, as numbers: a resumed run logs them again (Lightning's
+    CSV logger starts a fresh file), and drops what an interrupted run logged after its checkpoint."""
+    if not os.path.isfile(metrics_csv):
+        return []
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= up_to_step]
+    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
+
+
+def draw_loss_curve(folder: str, title: str) -> None:
+    """loss_curve.png next to metrics.csv (plots.py). A failed picture must never stop a training run."""
+    from plots import plot_loss_curve
+
+    try:
+        plot_loss_curve(os.path.join(folder, "metrics.csv"), os.path.join(folder, "loss_curve.png"), title)
+    except Exception as e:  # noqa: BLE001  (say it, keep training)
+        print(f"warning: could not draw loss_curve.png: {type(e).__name__}: {e}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def loader(samples, t, fabric, start: int, stop: int, shuffle: bool, collate_fn=None, workers: int = 0):
+    """A DataLoader over samples[start:stop] (in seeded epochs when shuffle), this rank's share only.
+
+    The sampler hands rank r the samples start+r, start+r+world, ...: sharding happens once, here. A
+    generator of its own keeps the DataLoader from drawing on the global random state (dropout's).
+    """
+    dataset = ShuffledPasses(samples, t.seed) if shuffle else samples
+    sampler = StridedSampler(start, stop, fabric.global_rank, fabric.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=shuffle,
+                                       num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
+                                       generator=torch.Generator())
+
+
+@torch.no_grad()
+def validate(fabric, model, val_samples, t, collate_fn=None) -> tuple[float, float]:
+    """(val loss, val accuracy) over at most val_batches batches per rank, weighted by labelled tokens.
+
+    Each rank scores its share; the sums are added across ranks, so the result is the exact token mean.
+    """
+    model.eval()
+    n = min(len(val_samples), t.val_batches * t.micro_batch_size * fabric.world_size)
+    totals = torch.zeros(3, device=fabric.device)  # summed NLL, correct top-1 predictions, labelled tokens
+    for x, y in loader(val_samples, t, fabric, 0, n, shuffle=False, collate_fn=collate_fn):
+        x, y = x.to(fabric.device), y.to(fabric.device)
+        logits = model(x)  # (B, T, vocab)
+        labelled = y != -100
+        totals += torch.stack([F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                               reduction="sum"),
+                               (logits.argmax(-1) == y)[labelled].sum().float(), labelled.sum().float()])
+    model.train()
+    nll, correct, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
+    return nll / max(count, 1), correct / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on a signal
+# ---------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (kill, a container stop, a cluster scheduler) asks the loop to stop.
+
+    The first signal only sets `received`: the loop finishes the optimizer step it is in, saves a
+    checkpoint and exits. A second Ctrl-C stops at once, without saving.
+    """
+
+    def __init__(self, announce: bool):
+        self.received, self.announce = None, announce
+        self.previous = {s: signal.signal(s, self.handle) for s in EXIT_INTERRUPTED}
+
+    def handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command() -> str:
+    """The command that started this run, without --no_resume: what to type to continue it."""
+    return "python " + shlex.join(a for a in sys.argv if a not in ("--no_resume", "--no-resume"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples, val_samples, state: TrainState,
+        collate_fn=None) -> int:
+    """Train until training.max_steps, max_time, early stopping, a non-finite loss or a stop signal.
+
+    Returns the exit code: 0 done (final.ckpt written), 1 diverged (the last good checkpoint kept),
+    130/143 stopped by SIGINT/SIGTERM (a checkpoint saved: the same command resumes).
+    """
+    t, world, folder = run.cfg.training, fabric.world_size, run.cfg.training.checkpoint_dir
+    network = model.module if hasattr(model, "module") else model  # the Transformer inside Fabric's wrapper
+    flops_per_token = network.flops_per_token(t.seq_len)
+    peak = run.peak_flops = matmul_peak_flops(fabric.device)
+    samples_per_step = t.micro_batch_size * t.grad_accum_steps * world
+    batches = iter(loader(train_samples, t, fabric, state.step * samples_per_step, t.max_steps * samples_per_step,
+                          shuffle=True, collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
+    # metrics.csv: Lightning's CSV logger starts the file afresh, so a resumed run first logs again the rows
+    # up to its checkpoint (dropping any that an interrupted run wrote after it).
+    for row in logged_rows(os.path.join(folder, "metrics.csv"), state.step) if fabric.is_global_zero else []:
+        fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    if fabric.is_global_zero:
+        print(f"model: {network.num_parameters():,} parameters ({network.num_parameters(exclude_embeddings=True):,} "
+              f"without embeddings), {flops_per_token / 1e6:.1f} MFLOPs/token (fwd+bwd)")
+        print("\n".join(run.plan))
+        print(f"device: {fabric.device.type} x {world}, precision {run.precision} ({run.precision_why}); "
+              f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
+              f"{', even in half precision' if run.precision not in ('32', '32-true') else ''})", flush=True)
+        if t.max_time:
+            print(f"time budget: {t.max_time:g} s of training (training.max_time); the LR schedule follows the clock")
+
+    stop = StopSignal(announce=fabric.is_global_zero)
+    started, time_before, start_step = time.monotonic(), state.train_time, state.step
+    log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
+    try:
+        while state.step < t.max_steps:
+            # 1. The learning rate of this step: the one place it is set.
+            lr_scale = lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale)
+            for name, optimizer in optimizers.items():
+                for group, peak_lr in zip(optimizer.param_groups, peak_lrs[name]):
+                    group["lr"] = peak_lr * lr_scale
+
+            # 2. Forward and backward over grad_accum_steps micro-batches: the gradients add up. Ranks average
+            #    their gradients once, in the last backward (no_backward_sync skips it in the others).
+            loss_sum, tokens, supervised = 0.0, 0, 0
+            for micro in range(t.grad_accum_steps):
+                x, y = next(batches)
+                x, y = x.to(fabric.device), y.to(fabric.device)  # (B, T) token ids, (B, T) next-token labels
+                with fabric.no_backward_sync(model, enabled=world > 1 and micro < t.grad_accum_steps - 1):
+                    loss = token_loss(model(x), y)
+                    fabric.backward(loss / t.grad_accum_steps)
+                loss_sum += loss.detach()
+                tokens, supervised = tokens + x.numel(), supervised + (y != -100).sum()
+
+            # 3. One exchange between ranks per step (mean loss, token counts, the clock, a stop signal), so that
+            #    every rank takes the same decision (the LR, stopping) at the same step.
+            elapsed = time_before + time.monotonic() - started
+            shared = torch.tensor([float(loss_sum) / t.grad_accum_steps, tokens, float(supervised), elapsed,
+                                   float(stop.received is not None)], device=fabric.device)
+            shared = fabric.all_reduce(shared, reduce_op="sum") / torch.tensor([world, 1, 1, world, 1],
+                                                                               device=fabric.device)
+            loss_mean, tokens, supervised, elapsed, stopping = shared.tolist()
+            if not math.isfinite(loss_mean):
+                raise FloatingPointError(f"loss became {loss_mean} at step {state.step}")
+
+            # 4. Clip the gradients' norm, then the optimizer step.
+            for optimizer in optimizers.values():
+                if t.grad_clip:
+                    fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip, error_if_nonfinite=False)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += round(tokens)
+            state.supervised_seen += round(supervised)
+            state.train_time = elapsed
+            losses.append(loss_mean)
+            out_of_time = bool(t.max_time) and state.train_time >= t.max_time
+            last_step = state.step == t.max_steps or out_of_time
+
+            # 5. A log line and a metrics row every log_every steps (and at the last): loss, LR, speed, MFU, ETA.
+            if state.step % t.log_every == 0 or last_step:
+                now = time.monotonic()
+                state.last_train_loss = sum(losses) / len(losses)
+                tok_s = (state.tokens_seen - log_tokens) / max(now - log_start, 1e-9)
+                sup_s = (state.supervised_seen - log_supervised) / max(now - log_start, 1e-9)
+                mfu = tok_s * flops_per_token / peak / world
+                eta = (now - started) / max(state.step - start_step, 1) * (t.max_steps - state.step)
+                if t.max_time:
+                    eta = min(eta, max(0.0, t.max_time - state.train_time))
+                lr = next(iter(optimizers.values())).param_groups[0]["lr"]
+                if fabric.is_global_zero:
+                    # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
+                    sup_text = f"{sup_s:,.0f} supervised tok/s | " if run.kind == "sft" else ""
+                    print(f"step {state.step}/{t.max_steps} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
+                          f"{tok_s:,.0f} tok/s | {sup_text}MFU {100 * mfu:.1f}% | "
+                          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen,
+                                 "train_loss": state.last_train_loss, "lr": lr, "tokens_per_s": tok_s,
+                                 "supervised_tokens_per_s": sup_s, "mfu": mfu, "elapsed_s": state.train_time},
+                                step=state.step)
+                losses, log_start, log_tokens, log_supervised = [], now, state.tokens_seen, state.supervised_seen
+
+            # 6. Validation every val_every steps: log it, keep the best weights, cut the LR or stop on a plateau.
+            early_stop = False
+            if state.step % t.val_every == 0:
+                early_stop = run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
+
+            # 7. A checkpoint every save_every steps (after this step's validation, so that it records it), and
+            #    when a signal asks to stop.
+            interrupted = stopping and not last_step
+            if state.step % t.save_every == 0 or interrupted:
+                save(fabric, run, f"epoch={int(epochs(run, state) or 0)}-step={state.step}.ckpt", model,
+                     optimizers, state)
+                if fabric.is_global_zero:
+                    prune(folder, t.keep_last)
+
+            # 8. Stop early?
+            if interrupted:
+                if fabric.is_global_zero:
+                    print(f"interrupted at step {state.step}: saved {os.path.join(folder, 'last.ckpt')}; to resume, "
+                          f"run the same command again: {resume_command()}", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED.get(stop.received, 130)
+            if early_stop or out_of_time:
+                break
+
+        # The end: validate the final weights (unless this very step did), write final.ckpt.
+        if state.validated_at != state.step:
+            run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
+        final = save(fabric, run, "final.ckpt", model, optimizers, state)
+    except FloatingPointError as e:  # a non-finite loss, or weights about to be saved
+        if fabric.is_global_zero:
+            print(f"error: {e}: lower training.lr or use training.precision: 32; the last good checkpoint is kept",
+                  file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    finally:
+        stop.restore()
+    if fabric.is_global_zero:
+        print(f"done: {final} (val_loss {state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
+    return 0
+
+
+def run_validation(fabric, run: Run, model, optimizers, val_samples, state: TrainState, collate_fn) -> bool:
+    """Validate, log, draw the loss curve, save best.ckpt on a new best, apply plateau rules; True = stop early."""
+    t = run.cfg.training
+    val_loss, val_acc = validate(fabric, model, val_samples, t, collate_fn)
+    state.last_val_loss, state.validated_at = val_loss, state.step
+    if fabric.is_global_zero:
+        print(f"step {state.step}/{t.max_steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f} "
+              f"| val_acc {val_acc:.3f}", flush=True)
+    fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen, "val_loss": val_loss,
+                     "val_ppl": math.exp(min(val_loss, 50)), "val_acc": val_acc, "elapsed_s": state.train_time},
+                    step=state.step)
+    if fabric.is_global_zero and "csv" in t.loggers:
+        draw_loss_curve(t.checkpoint_dir, f"{run.kind} loss")
+    if val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+        save(fabric, run, "best.ckpt", model, optimizers, state)
+    cut, stop = after_validation(state, val_loss, t)
+    if fabric.is_global_zero and cut:
+        print(f"step {state.step}: val loss has not improved for {t.reduce_on_plateau.patience} validations, "
+              f"LR cut to {t.lr * lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale):.2e}",
+              flush=True)
+    if fabric.is_global_zero and stop:
+        print(f"step {state.step}: early stopping, val loss has not improved for {state.stale} validations "
+              f"(best {state.plateau_best:.4f})", flush=True)
+    return stop
