@@ -51,8 +51,7 @@ function visible(piece) {
 }
 
 function percent(p) {
-  if (p === 0) return "0";
-  return p >= 0.0995 ? `${(100 * p).toFixed(1)}%` : p >= 0.000995 ? `${(100 * p).toFixed(2)}%` : `${(100 * p).toExponential(1)}%`;
+  return p === 0 ? "0" : p >= 0.1 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toPrecision(2)}%`;
 }
 
 function element(tag, className, text) {
