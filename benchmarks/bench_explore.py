@@ -4,6 +4,7 @@ Examples (from the repository root, after `python train.py --config config_smoke
 
     python benchmarks/bench_explore.py --ckpt checkpoints/final.ckpt
     python benchmarks/bench_explore.py --ckpt checkpoints/final.ckpt --repeats 31 --browser /usr/bin/chromium
+    python benchmarks/bench_explore.py --ckpt checkpoints/final.ckpt --threads 2
 
 It starts `python explore.py --ckpt CKPT --port 0` as a user would, then times over HTTP:
   - slider: /api/next on the same text, the temperature moved each time. The logits are cached, so this is
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from data import load_tokenizer  # noqa: E402  (after the path line, so the script runs from anywhere)
 
 
-def start_server(ckpt: str) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen([sys.executable, "explore.py", "--ckpt", ckpt, "--port", "0"], cwd=ROOT,
+def start_server(ckpt: str, threads: int) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen([sys.executable, "explore.py", "--ckpt", ckpt, "--port", "0", "--threads", str(threads)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     match = re.search(r"http://[\d.]+:(\d+)/", line)
@@ -91,11 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", "--prompt_tokens", type=int, default=64,
                    help="prompt length for the next-token bars (at most the model's max_seq_len)")
     p.add_argument("--browser", default=None, metavar="CHROMIUM", help="also time a real page load in this Chromium")
+    p.add_argument("--threads", type=int, default=1, help="explore.py --threads")
     args = p.parse_args(argv)
 
     tokenizer = load_tokenizer("gpt2")
     corpus = tokenizer.encode((ROOT / "data" / "tiny_corpus.txt").read_text())
-    process, port = start_server(args.ckpt)
+    process, port = start_server(args.ckpt, args.threads)
     try:
         timed(port, "GET", "/api/info")  # warm-up: first calls allocate
         prompt = corpus[:args.prompt_tokens]
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
 
-    print(f"explore.py on {args.ckpt}, medians (min-max) of {args.repeats}:")
+    print(f"explore.py --threads {args.threads} on {args.ckpt}, medians (min-max) of {args.repeats}:")
     for name, value in results.items():
         print(f"  {name:<62} {value}")
     return 0

@@ -79,7 +79,14 @@ async function start() {
   }
   $("compare").value = state.info.checkpoints.length > 1 ? (state.ckpt === 0 ? 1 : 0) : state.ckpt;
   buildSliders();
-  $("ckpt").addEventListener("change", () => { state.ckpt = Number($("ckpt").value); textChanged(); showCheckpoint(); });
+  $("ckpt").addEventListener("change", () => {
+    state.ckpt = Number($("ckpt").value);
+    if (Number($("compare").value) === state.ckpt && state.info.checkpoints.length > 1) {
+      $("compare").value = state.ckpt === 0 ? 1 : 0;  // comparing a checkpoint with itself shows nothing
+    }
+    showCheckpoint();
+    textChanged();
+  });
   $("prompt").addEventListener("input", debounce(textChanged, 250));
   $("greedy").addEventListener("click", () => appendToken(state.next && state.next.greedy));
   $("sample").addEventListener("click", () => {
@@ -170,7 +177,9 @@ async function refreshNext() {
     adopt(answer);
     drawStages(answer.stages);
     drawBars($("bars"), answer, true);
+    $("bars").classList.remove("stale");
   } catch (error) {
+    $("bars").classList.add("stale");  // the bars are for an earlier text: say so by fading them
     fail(error);
   }
 }
@@ -232,15 +241,17 @@ async function generate() {
   state.generation = new AbortController();
   setGenerating(true);
   const prompt = $("prompt");
+  let received = 0;
   try {
     await stream({ckpt: state.ckpt, ids: state.ids, settings: state.settings, seed: Number($("seed").value) || 0,
                   max_new_tokens: count}, (line) => {
-      if (line.id !== undefined) state.ids.push(line.id);
+      if (line.id !== undefined) { state.ids.push(line.id); received += 1; }
       prompt.value += line.text;
-      if (line.done) showStatus(`${line.tokens} tokens in ${line.seconds} s (stopped: ${line.reason})`);
+      if (line.done) $("generate-info").textContent = `${line.tokens} tokens in ${line.seconds} s, stopped: ${line.reason}`;
     }, state.generation.signal);
   } catch (error) {
     if (error.name !== "AbortError") fail(error);
+    else $("generate-info").textContent = `stopped by you after ${received} tokens`;
   }
   setGenerating(false);
   refreshAll();
