@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
+from tokenizers import decoders
 
 import infer
 from checkpoint import load_model, pick_device, read_meta
@@ -90,7 +91,7 @@ class Loaded:
     """One checkpoint in memory: the model, its metadata and its tokenizer."""
 
     def __init__(self, path: str, device):
-        # The only place explore.py reads a checkpoint: what every other script uses, in the same way.
+        # The only place explore.py loads a model: with what every other script uses, in the same way.
         self.model, self.meta = load_model(path, device)
         self.tokenizer = tokenizer_for_checkpoint(self.meta)
         self.device = device
@@ -119,8 +120,6 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     """The bytes one token stands for. Byte-level BPE (GPT-2's) spells each byte as one printable
     character, so the token's own string maps back to its exact bytes, even half of a character;
     other tokenizers: the UTF-8 of the token decoded alone."""
-    from tokenizers import decoders
-
     piece = tokenizer.backend.id_to_token(token_id)
     if isinstance(tokenizer.backend.decoder, decoders.ByteLevel) and piece and all(c in BYTE_OF_CHAR for c in piece):
         return bytes(BYTE_OF_CHAR[c] for c in piece)
@@ -388,7 +387,7 @@ def check_settings(settings) -> dict:
     out = {}
     for key, rule in SETTINGS.items():
         value = settings.get(key, rule["off"])
-        whole = isinstance(rule["step"], int)
+        whole = isinstance(rule["step"], int)  # an integer step: an integer setting (top_k)
         if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
                 or not rule["low"] <= value <= rule["high"]):
             kind = "an integer" if whole else "a number"
