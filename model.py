@@ -132,13 +132,35 @@ class KVCache:
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+def attention_weights(q, k, mask):
+    """The weights SDPA applies, written out: softmax(q k^T / sqrt(head_dim)), hidden keys exactly 0.
+
+    q: (B, n_heads, T_q, head_dim), k: (B, n_kv_heads, T_k, head_dim), mask: as attention_mask returns.
+    Returns (B, n_heads, T_q, T_k) in fp32; each row sums to 1. For looking inside only (see Attention).
+    """
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head h reads K/V head h // groups
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, n_heads, T_q, T_k)
+    if isinstance(mask, str):  # "causal": queries and keys are the same positions 0..T-1
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
 class Attention(nn.Module):
-    """Multi-head causal self-attention with RoPE and grouped-query K/V heads."""
+    """Multi-head causal self-attention with RoPE and grouped-query K/V heads.
+
+    Looking inside (explore.py): set `record_weights = True` and each forward also keeps, in
+    `self.weights`, the attention weights of that call, computed the explicit way by
+    `attention_weights` (B, n_heads, T_q, T_k; before dropout). The output still comes from SDPA,
+    so recording never changes what the model computes; it is off by default and costs nothing then.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
+        self.record_weights, self.weights = False, None
         self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
@@ -153,6 +175,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_heads, T_past + T, head_dim)
+        if self.record_weights:
+            self.weights = attention_weights(q, k, mask)
         groups = self.n_heads // self.n_kv_heads
         if groups > 1 and not _SDPA_HAS_GQA:  # older torch: copy each K/V head for its query group
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -359,3 +359,40 @@ def test_hidden_states_times_the_head_are_the_logits():
     hidden = model(idx, return_hidden=True)  # (2, 9, d_model)
     assert hidden.shape == (2, 9, model.config.d_model)
     torch.testing.assert_close(hidden @ model.lm_head.weight.t().contiguous(), model(idx))
+
+
+# ---------------------------------------------------------------- recorded attention weights (explore.py)
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa-swa", "gqa-swa"])
+def test_recorded_attention_weights_reproduce_each_layers_output(name):
+    """Attention.record_weights keeps the weights SDPA applied: weights @ V through o_proj gives back each
+    layer's own (SDPA) output, hidden keys (the future, and beyond a sliding window) are exactly 0, and
+    recording changes no logit."""
+    config = tiny_config(**CACHE_CONFIGS[name])
+    model = build(config, scale=0.1)
+    idx = torch.randint(0, config.vocab_size, (2, 12))  # longer than both sliding windows
+    seen = {}  # layer -> (the attention module's input, its output), from the plain SDPA run
+    hooks = [block.attn.register_forward_hook(lambda m, args, out, layer=layer: seen.__setitem__(layer, (args[0], out)))
+             for layer, block in enumerate(model.blocks)]
+    with torch.no_grad():
+        logits = model(idx)
+        for hook in hooks:
+            hook.remove()
+        for block in model.blocks:
+            block.attn.record_weights = True
+        assert torch.equal(model(idx), logits)
+    window = config.swa_window or 12
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    visible = (j <= i) & (j > i - window)  # (T, T)
+    groups = config.n_heads // config.n_kv_heads
+    for layer, block in enumerate(model.blocks):
+        attn, (x, out) = block.attn, seen[layer]
+        weights = attn.weights  # (B, n_heads, T, T)
+        assert weights.shape == (2, config.n_heads, 12, 12)
+        assert torch.all(weights[..., ~visible] == 0) and torch.all(weights[..., visible] > 0)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, config.n_heads, 12))
+        v = attn.v_proj(x).view(2, 12, config.n_kv_heads, config.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        y = weights @ v.repeat_interleave(groups, dim=1)  # (B, n_heads, T, head_dim)
+        with torch.no_grad():
+            torch.testing.assert_close(attn.o_proj(y.transpose(1, 2).reshape(2, 12, -1)), out)
