@@ -1,32 +1,43 @@
 """Checkpoint files and device choice, shared by every script.
 
 A `.ckpt` file is a `torch.save`d dict written by training.py (through Lightning Fabric) or by
-convert.py. Every script reads the same two entries:
+convert.py. Every script reads the same entries:
 
     state_dict  model weights, named as in model.Transformer.state_dict()
     meta        plain data: kind ("pretrain" | "sft"), step, epoch, tokens_seen, train_loss,
-                val_loss, n_params, model_config, config (the full YAML config), tokenizer
+                val_loss, n_params, model_config, config (the full YAML config), tokenizer (its name)
+                and tokenizer_sha256 (its content)
+    tokenizer   the tokenizer itself (its tokenizer.json text and EOS token), so that a checkpoint
+                works anywhere, offline, with nothing beside it (see data.tokenizer_for_checkpoint)
 
 A training checkpoint also holds the optimizer's state (under the optimizer's name, e.g. "adamw"), the
 random generator's state ("rng") and, inside meta, "train_state": what resuming needs.
 
-Writes are atomic (temporary file, fsync, rename), so a killed process never leaves a
-truncated checkpoint under a good name. Reads use `weights_only=True`: loading a file can
-never run code from it. Next to each checkpoint, `NAME.ckpt.json` repeats `meta` so that
-list.py can show a folder of checkpoints without importing torch.
+Writes are atomic (temporary file, fsync, rename), so a killed process never leaves a truncated
+checkpoint under a good name. Reads check everything before any script uses a file: the zip archive's
+own CRCs (so corrupted bytes are caught, not turned into garbage text), `weights_only=True` (loading a
+file can never run code from it), a meta that describes a model, and weights of exactly that model.
+
+Next to each checkpoint, `NAME.ckpt.json` repeats `meta` (so list.py can show a folder without importing
+torch) together with the checkpoint's fingerprint, a hash of its zip directory (every entry's name, size
+and CRC). A sidecar is used only when the fingerprint matches the file beside it: a renamed, replaced or
+rewritten checkpoint can never be described by a stale sidecar. torch is imported only where needed.
 """
 
+import hashlib
 import json
 import os
-import pickle
 import shutil
-
-import torch
+import zipfile
 
 from config import UsageError
-from model import ModelConfig, Transformer
 
 META_SUFFIX = ".json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: atomic, with the sidecar
+# ---------------------------------------------------------------------------------------------
 
 
 def _fsync_dir(path: str) -> None:
@@ -60,6 +71,17 @@ def atomic_write(path: str, write) -> None:
     _fsync_dir(path)
 
 
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Atomically write a checkpoint dict, then its sidecar (meta + the written file's fingerprint)."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    meta = checkpoint.get("meta")
+    if meta is not None:
+        sidecar = {"fingerprint": fingerprint(path), "meta": meta}
+        atomic_write(path + META_SUFFIX, lambda f: f.write(json.dumps(sidecar, indent=1, default=str).encode()))
+
+
 def link_checkpoint(src: str, dst: str) -> None:
     """Make dst (and its sidecar) the same file as src: a hard link, or a copy where links are not supported.
 
@@ -75,18 +97,53 @@ def link_checkpoint(src: str, dst: str) -> None:
     _fsync_dir(dst)
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Atomically write a checkpoint dict and its metadata sidecar."""
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-    meta = checkpoint.get("meta")
-    if meta is not None:
-        atomic_write(path + META_SUFFIX, lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
+# ---------------------------------------------------------------------------------------------
+# Reading: checked, safe
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint(path: str) -> str | None:
+    """A hash of a checkpoint's zip directory (each entry's name, size and CRC-32), or None if it is no zip.
+
+    Cheap (only the directory at the end of the file is read) and different for any two checkpoints
+    whose contents differ: what ties a sidecar to the checkpoint it describes.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = sorted((i.filename, i.file_size, i.CRC) for i in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _verify_archive(path: str) -> None:
+    """Read every entry of the zip archive torch.save wrote and check its CRC-32: corrupted bytes are refused."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return  # not a zip at all: torch.load says so below
+    except (OSError, ValueError, EOFError, zipfile.LargeZipFile) as e:
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): pick another file") from None
+    if bad is not None:
+        raise UsageError(f"{path} is corrupted (the bytes of {bad.split('/')[-1]!r} fail their checksum): "
+                         "pick another checkpoint, e.g. an earlier epoch=...-step=... file")
 
 
 def load_checkpoint(path: str, mmap: bool = True) -> dict:
-    """Load a checkpoint safely (tensors and plain data only), memory-mapped so unused tensors cost nothing."""
+    """Load and check a checkpoint (tensors and plain data only), memory-mapped so unused tensors cost nothing.
+
+    Every problem is a UsageError naming the file: missing, not a checkpoint, corrupted, holding Python
+    objects, or a meta that describes no model. (Whether the weights fit that model is checked where they
+    are used: load_weights when a model is built, check_weights when none is.)
+    """
+    import pickle
+
+    import torch
+
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path} (train one first, or check the path with `python list.py`)")
+    _verify_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -97,26 +154,77 @@ def load_checkpoint(path: str, mmap: bool = True) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UsageError(f"{path} is not a readable checkpoint (truncated, corrupt or not a .ckpt file): "
                          f"pick another file [{type(e).__name__}]") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "meta" not in ckpt:
         raise UsageError(f"{path} is not a Tiny Transformer checkpoint (no state_dict/meta): "
                          "use a .ckpt written by train.py, finetune.py or convert.py")
+    model_config_of(ckpt["meta"], path)
     return ckpt
 
 
+def model_config_of(meta, where: str):
+    """The model.ModelConfig a checkpoint's meta describes, or a UsageError saying the meta is broken."""
+    from model import ModelConfig
+
+    try:
+        return ModelConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{where}: its meta does not describe a model ({type(e).__name__}: {str(e)[:80]}): "
+                         "the file is damaged or was not written by this project") from None
+
+
+def check_weights(state_dict: dict, config, where: str) -> None:
+    """Every parameter the model of `config` needs is in state_dict, with its shape, and nothing else.
+
+    For scripts that use weights without building the model (convert.py, finetune.py --dry-run): the model
+    is built on the meta device, which holds shapes only (its first use costs ~1 s of imports).
+    """
+    import torch
+
+    from model import Transformer
+
+    with torch.device("meta"):
+        want = Transformer(config).state_dict()
+    missing = [k for k in want if k not in state_dict]
+    extra = [k for k in state_dict if k not in want]
+    wrong = [f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} != {tuple(v.shape)}" for k, v in want.items()
+             if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(v.shape)]
+    if missing or extra or wrong:
+        raise UsageError(f"{where}: the weights do not match the model its meta describes (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}): the file is damaged or not ours")
+
+
+def load_weights(model, state_dict: dict, where: str, assign: bool = False) -> None:
+    """model.load_state_dict, strict, with a mismatch (missing, unexpected or misshapen weights) as one line."""
+    try:
+        model.load_state_dict(state_dict, assign=assign)
+    except RuntimeError as e:
+        problem = " ".join(str(e).split())[:200]
+        raise UsageError(f"{where}: the weights do not match the model its meta describes ({problem}): "
+                         "the file is damaged or not ours") from None
+
+
 def read_meta(path: str) -> dict:
-    """A checkpoint's metadata, from its JSON sidecar when that is current, else from the file itself."""
-    sidecar = path + META_SUFFIX
-    if os.path.isfile(path) and os.path.isfile(sidecar) and os.path.getmtime(sidecar) >= os.path.getmtime(path):
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                return json.load(f)
-        except ValueError:
-            pass  # a damaged sidecar: the checkpoint itself holds the same meta
+    """A checkpoint's metadata: from its sidecar when the sidecar belongs to this very file, else from the file."""
+    try:
+        with open(path + META_SUFFIX, encoding="utf-8") as f:
+            sidecar = json.load(f)
+        if isinstance(sidecar, dict) and isinstance(sidecar.get("meta"), dict) and \
+                sidecar.get("fingerprint") == fingerprint(path) is not None:
+            return sidecar["meta"]
+    except (OSError, ValueError):
+        pass  # no sidecar, or a damaged one: the checkpoint itself holds the same meta
     return load_checkpoint(path)["meta"]
 
 
-def pick_device(name: str = "auto", strict: bool = True) -> torch.device:
+# ---------------------------------------------------------------------------------------------
+# Devices and models
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto", strict: bool = True):
     """auto -> cuda, then mps, then cpu. An unavailable device is an error (strict) or falls back to cpu."""
+    import torch
+
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if name == "auto":
@@ -133,34 +241,20 @@ def pick_device(name: str = "auto", strict: bool = True) -> torch.device:
     return torch.device(name)
 
 
-def check_weights(state_dict: dict, config: ModelConfig, where: str) -> None:
-    """Every parameter the model of `config` needs is in state_dict, with its shape, and nothing else."""
-    with torch.device("meta"):
-        want = Transformer(config).state_dict()  # shapes only: no memory, no init
-    missing = [k for k in want if k not in state_dict]
-    extra = [k for k in state_dict if k not in want]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or extra or wrong:
-        raise UsageError(f"{where}: the weights do not match the model it describes (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}): the file is damaged or not ours")
-
-
-def load_model(path: str, device="cpu", dtype: torch.dtype = torch.float32):
+def load_model(path: str, device="cpu", dtype=None):
     """Build the model a checkpoint describes and load its weights. Returns (model in eval mode, meta)."""
+    import torch
+
+    from model import Transformer
+
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    try:
-        model_config = ModelConfig(**meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path}: its meta does not describe a model ({type(e).__name__}: {e}): "
-                         "the file is damaged or not ours") from None
+    model_config = model_config_of(meta, path)
     model_config.gradient_checkpointing = False  # inference never needs it
-    check_weights(ckpt["state_dict"], model_config, path)
     # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
     # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
     model = Transformer(model_config)
-    model.load_state_dict(ckpt["state_dict"], assign=True)  # assign: use the file's (mmap'd) tensors
+    load_weights(model, ckpt["state_dict"], path, assign=True)  # assign: use the file's (mmap'd) tensors
     if model_config.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
-    return model.to(device=device, dtype=dtype).eval(), meta
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), meta

@@ -13,9 +13,11 @@ This module imports no torch, so light scripts (list.py) can use `UsageError` an
 
 import dataclasses
 import difflib
+import errno
 import importlib.util
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -31,13 +33,57 @@ class UsageError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a container stop, a scheduler), raised like Ctrl-C's KeyboardInterrupt so that the same
+    clean-up runs. (The training loop catches both signals itself to save a checkpoint first.)"""
+
+
+EXIT_USAGE, EXIT_SYSTEM = 2, 3  # docs/TROUBLESHOOTING.md lists every exit code
+SYSTEM_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
 def run_cli(main):
-    """Run `main()`; a UsageError becomes `error: ...` on stderr and exit code 2."""
+    """Run `main()` as a command, every failure the user can act on as ONE line on stderr:
+
+    UsageError                               error: ...                     exit 2
+    disk full, read-only, no permission      error: ... while writing FILE  exit 3
+    out of memory                            error: out of memory ...       exit 3
+    Ctrl-C / SIGTERM (outside training)      interrupted                    exit 130 / 143
+    """
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         sys.exit(main())
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt as e:
+        print("\ninterrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except OSError as e:
+        if e.errno not in SYSTEM_ERRORS:
+            raise
+        print(f"error: {SYSTEM_ERRORS[e.errno]} while writing {e.filename or 'a file'}: free some space or pick "
+              "a writable folder; files written before (earlier checkpoints) are intact", file=sys.stderr)
+        sys.exit(EXIT_SYSTEM)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # torch's, on a GPU
+                or "can't allocate memory" in str(e)):  # torch's CPU allocator
+            raise
+        print("error: out of memory: lower training.micro_batch_size (raise grad_accum_steps to keep the batch), "
+              "seq_len or the model size", file=sys.stderr)
+        sys.exit(EXIT_SYSTEM)
+
+
+def reject_non_finite(args) -> None:
+    """Refuse nan/inf in any float command-line flag (argparse's float() accepts them): one line, exit 2."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @dataclass

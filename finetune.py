@@ -24,7 +24,7 @@ import dataclasses
 import os
 
 import training
-from checkpoint import load_checkpoint, read_meta
+from checkpoint import check_weights, load_checkpoint, load_weights, read_meta
 from config import UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
 from data import ShuffledPasses, format_instruction, split_documents, tokenizer_for_checkpoint
 from model import ModelConfig, Transformer
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     with fabric.init_module():
         model = Transformer(model_cfg)
     if not resume:
-        model.load_state_dict(load_checkpoint(cfg.finetune.base_checkpoint)["state_dict"])
+        load_weights(model, load_checkpoint(cfg.finetune.base_checkpoint)["state_dict"], cfg.finetune.base_checkpoint)
     if t.compile:
         model.compile()
     optimizers, peak_lrs = training.make_optimizers(model, t)

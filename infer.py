@@ -33,7 +33,7 @@ import time
 import torch
 
 from checkpoint import load_model, pick_device, read_meta
-from config import UsageError, run_cli
+from config import UsageError, reject_non_finite, run_cli
 from data import format_instruction, tokenizer_for_checkpoint
 from model import KVCache
 
@@ -240,6 +240,7 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Reject impossible settings before loading anything."""
+    reject_non_finite(args)
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:

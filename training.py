@@ -23,6 +23,7 @@ import math
 import os
 import shlex
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -380,6 +381,52 @@ def epochs(run: Run, state: TrainState) -> float | None:
     return round(state.tokens_seen / run.tokens_per_epoch, 4) if run.tokens_per_epoch else None
 
 
+RUN_FILES = ("*.ckpt", "*.ckpt.json", "metrics.csv", "loss_curve.png", "tensorboard", "mlruns", "wandb")
+
+
+def claim_run_folder(fabric, folder: str, fresh: bool):
+    """Make `folder` this run's own for as long as it lives; returns the lock (release it with .close()).
+
+    One run per folder: an exclusive lock (fcntl) on folder/.lock, which the operating system releases
+    when the process ends, however it ends. A second run into the same folder stops with one line
+    naming the holder. A fresh run (--no_resume, or auto_resume: false) into a folder that holds an earlier
+    run first moves that run's files aside into folder/previous-DATE-TIME/, and says so: nothing of the
+    earlier run is lost, and nothing of it mixes with the new one (its checkpoints, metrics.csv, best.ckpt).
+    """
+    import fcntl
+
+    lock, holder, moved = None, None, []
+    if fabric.is_global_zero:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+        else:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                       f"{resume_command()}\n")
+            lock.flush()
+            old = [p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
+            if fresh and old:
+                aside = os.path.join(folder, time.strftime("previous-%Y%m%d-%H%M%S"))
+                os.makedirs(aside)
+                for path in old:
+                    os.replace(path, os.path.join(aside, os.path.basename(path)))
+                moved = [aside, len([p for p in old if p.endswith(".ckpt")])]
+    holder, moved = fabric.broadcast((holder, moved))
+    if holder:
+        raise UsageError(f"training.checkpoint_dir {folder} is in use by another run ({holder}): wait for it to "
+                         "finish, or set training.checkpoint_dir elsewhere")
+    if moved and fabric.is_global_zero:
+        print(f"starting afresh: the earlier run in {folder} ({moved[1]} checkpoints, its metrics.csv and loss "
+              f"curve) was moved to {moved[0]}", flush=True)
+    return lock
+
+
 def prune(folder: str, keep_last: int) -> None:
     """Delete all but the newest keep_last periodic checkpoints (0 = keep all)."""
     for old in periodic_checkpoints(folder)[:-keep_last] if keep_last else []:
@@ -533,24 +580,26 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
     samples_per_step = t.micro_batch_size * t.grad_accum_steps * world
     batches = iter(loader(train_samples, t, fabric, state.step * samples_per_step, t.max_steps * samples_per_step,
                           shuffle=True, collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
-    # metrics.csv: Lightning's CSV logger starts the file afresh, so a resumed run first logs again the rows
-    # up to its checkpoint (dropping any that an interrupted run wrote after it).
-    for row in logged_rows(os.path.join(folder, "metrics.csv"), state.step) if fabric.is_global_zero else []:
-        fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-    if fabric.is_global_zero:
-        print(f"model: {network.num_parameters():,} parameters ({network.num_parameters(exclude_embeddings=True):,} "
-              f"without embeddings), {flops_per_token / 1e6:.1f} MFLOPs/token (fwd+bwd)")
-        print("\n".join(run.plan))
-        print(f"device: {fabric.device.type} x {world}, precision {run.precision} ({run.precision_why}); "
-              f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
-              f"{', even in half precision' if run.precision not in ('32', '32-true') else ''})", flush=True)
-        if t.max_time:
-            print(f"time budget: {t.max_time:g} s of training (training.max_time); the LR schedule follows the clock")
-
+    lock = claim_run_folder(fabric, folder, fresh=state.step == 0)  # before anything touches the folder
     stop = StopSignal(announce=fabric.is_global_zero)
-    started, time_before, start_step = time.monotonic(), state.train_time, state.step
-    log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
     try:
+        # metrics.csv: Lightning's CSV logger starts the file afresh, so a resumed run first logs again the
+        # rows up to its checkpoint (dropping any that an interrupted run wrote after it).
+        for row in logged_rows(os.path.join(folder, "metrics.csv"), state.step) if fabric.is_global_zero else []:
+            fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        if fabric.is_global_zero:
+            print(f"model: {network.num_parameters():,} parameters "
+                  f"({network.num_parameters(exclude_embeddings=True):,} without embeddings), "
+                  f"{flops_per_token / 1e6:.1f} MFLOPs/token (fwd+bwd)")
+            print("\n".join(run.plan))
+            print(f"device: {fabric.device.type} x {world}, precision {run.precision} ({run.precision_why}); "
+                  f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
+                  f"{', even in half precision' if run.precision not in ('32', '32-true') else ''})", flush=True)
+            if t.max_time:
+                print(f"time budget: {t.max_time:g} s of training (training.max_time); the LR schedule follows "
+                      "the clock")
+        started, time_before, start_step = time.monotonic(), state.train_time, state.step
+        log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
         while state.step < t.max_steps:
             # 1. The learning rate of this step: the one place it is set.
             lr_scale = lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale)
@@ -652,6 +701,8 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
         return EXIT_DIVERGED
     finally:
         stop.restore()
+        if lock:
+            lock.close()  # releases the run folder
     if fabric.is_global_zero:
         print(f"done: {final} (val_loss {state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
     return 0

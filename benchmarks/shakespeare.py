@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import UsageError, run_cli  # noqa: E402  (light: no torch)
+from config import UsageError, reject_non_finite, run_cli  # noqa: E402  (light: no torch)
 
 CONFIG = os.path.join(ROOT, "benchmarks", "shakespeare.yaml")
 # Seconds of the budget not given to training.max_time: train.py's start-up (imports, tokenizer, peak
@@ -119,7 +119,9 @@ def parse_args(argv=None):
                         help="override a value of benchmarks/shakespeare.yaml, as train.py --set does (repeatable)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (tokenizer, checkpoint, log); "
                                                       "default: a temporary folder, deleted at the end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    reject_non_finite(args)
+    return args
 
 
 def main(argv=None):
