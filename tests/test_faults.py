@@ -189,3 +189,130 @@ def test_ctrl_c_mid_gradient_accumulation_resumes_exactly(tmp_path, monkeypatch)
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
     assert train_losses(stopped / "checkpoints") == train_losses(straight / "checkpoints")
     assert read_meta(str(stopped / "checkpoints" / "final.ckpt"))["tokens_seen"] == 8 * 2 * 4 * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: glob characters, two runs, a fresh run into an old one, renamed and damaged files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_run_folder_with_glob_characters_resumes_and_prunes(tmp_path):
+    folder = tmp_path / "runs" / "exp[1]*?"
+    config = write_config(tmp_path, {"training": {"checkpoint_dir": str(folder), "max_steps": 6, "save_every": 2,
+                                                  "keep_last": 1}})
+    assert train.main(["--config", str(config)]) == 0
+    assert sorted(p.name for p in folder.glob("epoch=*.ckpt")) == ["epoch=0-step=6.ckpt"]  # keep_last pruned
+    resumed = subprocess.run([sys.executable, "train.py", "--config", str(config), "--set", "training.max_steps=8"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout and "ckpt at step 6" in resumed.stdout
+    assert read_meta(str(folder / "final.ckpt"))["step"] == 8
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path):
+    config = write_config(tmp_path, {"training": {"max_steps": 100000, "val_every": 1000, "save_every": 1000}})
+    first = start_training(config)
+    try:
+        wait_for(lambda: (tmp_path / "checkpoints" / "metrics.csv").exists(), first, poll=0.01)
+        second = subprocess.run([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, capture_output=True,
+                                text=True)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "is in use by another run (pid " in lines[0] and str(first.pid) in lines[0]
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130
+        first.stdout.close(), first.stderr.close()
+    # The lock dies with its process: the same command now resumes.
+    assert train.main(["--config", str(config), "--set", "training.max_steps=" +
+                       str(read_meta(str(tmp_path / "checkpoints" / "last.ckpt"))["step"] + 1)]) == 0
+
+
+def test_a_fresh_run_moves_the_earlier_run_aside_and_mixes_nothing(tmp_path, capsys):
+    settings = {"training": {"max_steps": 6, "save_every": 2, "keep_last": 2}}
+    config = write_config(tmp_path, settings)
+    assert train.main(["--config", str(config)]) == 0
+    old_final = (tmp_path / "checkpoints" / "final.ckpt").read_bytes()
+    assert train.main(["--config", str(config), "--no_resume", "--set", "training.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "was moved to" in out
+    (aside,) = (tmp_path / "checkpoints").glob("previous-*")
+    assert (aside / "final.ckpt").read_bytes() == old_final  # nothing of the earlier run is lost
+    assert sorted(p.name for p in aside.glob("epoch=*.ckpt")) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert names == ["best.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "final.ckpt", "last.ckpt"]
+    with open(tmp_path / "checkpoints" / "metrics.csv") as f:
+        assert max(int(r["step"]) for r in csv.DictReader(f)) == 4  # one curve, the new run's
+    # The next plain run resumes the NEW run (at step 4), not the old one (step 6).
+    assert train.main(["--config", str(config), "--set", "training.max_steps=5"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert read_meta(str(tmp_path / "checkpoints" / "final.ckpt"))["step"] == 5
+
+
+def test_a_renamed_checkpoint_is_described_by_its_own_meta_not_a_stale_sidecar(tiny_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(tiny_run, folder)
+    assert read_meta(str(folder / "last.ckpt"))["step"] == 6
+    os.replace(folder / "epoch=0-step=4.ckpt", folder / "last.ckpt")  # what `mv` does; last.ckpt.json stays
+    assert read_meta(str(folder / "last.ckpt"))["step"] == 4
+
+
+def test_corrupted_tensor_bytes_are_refused(tiny_ckpt, tmp_path):
+    import zipfile
+
+    from config import UsageError
+
+    damaged = tmp_path / "damaged.ckpt"
+    data = bytearray(tiny_ckpt.read_bytes())
+    with zipfile.ZipFile(tiny_ckpt) as archive:  # the largest tensor: the embedding
+        entry = max(archive.infolist(), key=lambda i: i.file_size)
+    with open(tiny_ckpt, "rb") as f:  # where its bytes start: after the entry's local header
+        f.seek(entry.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    start = entry.header_offset + 30 + name_len + extra_len
+    data[start + 100] ^= 0xFF  # one flipped byte in the middle of a weight
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="damaged.ckpt is corrupted .*fail their checksum"):
+        load_checkpoint(str(damaged))
+    result = subprocess.run([sys.executable, "infer.py", "--ckpt", str(damaged), "--prompt", "Hi"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is corrupted" in result.stderr
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import checkpoint
+    import config
+
+    settings = {"training": {"max_steps": 6, "save_every": 2}}
+    cfg_path = write_config(tmp_path, settings)
+    original = checkpoint.atomic_write
+    calls = []
+
+    def full_disk(path, write):
+        calls.append(path)
+        if path.endswith("step=4.ckpt"):
+            raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp1")
+        return original(path, write)
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        config.run_cli(lambda: train.main(["--config", str(cfg_path)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 3 and len(err[-1:]) == 1
+    assert err[-1].startswith("error: no space left on device while writing ") and "intact" in err[-1]
+    # The newest whole save (best.ckpt after step 3's validation) is what last.ckpt still points at.
+    assert read_meta(str(tmp_path / "checkpoints" / "last.ckpt"))["step"] == 3
+    assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
+
+
+def test_ctrl_c_during_generation_is_one_line_and_exit_130(tiny_ckpt):
+    proc = subprocess.Popen([sys.executable, "infer.py", "--ckpt", str(tiny_ckpt), "--prompt", "Hi",
+                             "--max-new-tokens", "100000", "--disable-eos", "--seed", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(4)  # generation has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted"
