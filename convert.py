@@ -338,6 +338,8 @@ def gguf_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
 
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# How GPT-2's byte-level BPE cuts text into words before merging (the `tokenizers` ByteLevel pre-tokenizer's rule).
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def to_gguf(args) -> int:
@@ -384,6 +386,7 @@ def to_gguf(args) -> int:
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre("gpt-2")  # ... split into words by GPT-2's regular expression
+    writer.add_string("tokenizer.ggml.pretokenizer", GPT2_SPLIT)  # the same for Ollama's engine (default: Llama 3's)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)

@@ -189,6 +189,7 @@ def test_metadata(checkpoints, tmp_path):
         "llama.attention.head_count_kv": c.n_kv_heads, "llama.rope.freq_base": 500.0,
         "llama.rope.dimension_count": c.head_dim, "llama.attention.layer_norm_rms_epsilon": pytest.approx(1e-6),
         "llama.vocab_size": 50257, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.pretokenizer": convert.GPT2_SPLIT,
         "tokenizer.ggml.eos_token_id": 50256, "tokenizer.ggml.bos_token_id": 50256,
         "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
         "tokenizer.chat_template": convert.instruction_chat_template(),  # an SFT checkpoint
@@ -228,6 +229,17 @@ def test_tokenizer_inside_reproduces_our_ids(tmp_path, trained_tokenizer, tokeni
     ids = rebuilt.encode(text, add_special_tokens=False).ids
     assert ids == ours.encode(text) and len(ids) > 500
     assert rebuilt.decode(ids, skip_special_tokens=False) == ours.decode(ids) == text
+
+
+def test_split_rule_for_ollama_is_gpt2s():
+    """tokenizer.ggml.pretokenizer (read by Ollama's engine) cuts text exactly like our ByteLevel pre-tokenizer."""
+    regex = pytest.importorskip("regex")  # a dependency of transformers; Python's re has no \\p{L}
+    from tokenizers import decoders, pre_tokenizers
+
+    text = SAMPLE + " 42,000.5 don't I'LL\t\n\n  x " + open(__file__, encoding="utf-8").read()[:3000]
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    ours = [decoders.ByteLevel().decode([piece]) for piece, _ in pieces]
+    assert regex.findall(convert.GPT2_SPLIT, text) == ours and len(ours) > 500
 
 
 # ---------------------------------------------------------------- refusals
