@@ -362,7 +362,7 @@ def to_gguf(args) -> int:
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
     tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
     tokens, token_types, merges = gguf_vocab(tokenizer)
-    bos, eos = special_tokens(tokenizer)
+    bos, _ = special_tokens(tokenizer)
     template = chat_template_for(meta)
 
     qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -411,7 +411,7 @@ def to_gguf(args) -> int:
             weight = to_ggml_rope_layout(weight, config.n_kv_heads)
         qtype = qtypes[args.dtype] if weight.dim() > 1 else gguf.GGMLQuantizationType.F32  # norms stay f32
         if qtype == gguf.GGMLQuantizationType.Q8_0 and weight.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-            qtype = gguf.GGMLQuantizationType.F16  # q8_0 quantizes blocks of 32 along a row: as llama.cpp does, f16
+            qtype = gguf.GGMLQuantizationType.F16  # q8_0 cuts rows into blocks of 32; else f16, as llama.cpp does
             kept_f16.append(names[name])
         writer.add_tensor(names[name], gguf.quants.quantize(weight.numpy(), qtype), raw_dtype=qtype)
 

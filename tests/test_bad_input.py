@@ -126,6 +126,8 @@ ROWS = [
      r"--out .*model\.ckpt exists: pick a new name or pass --overwrite"),
     ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/model.ckpt",
      r"--out .*model\.ckpt exists: pick a new name or pass --overwrite"),
+    ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/hf_out",
+     r"--out .*hf_out is a folder: give a file name such as model\.gguf"),
     ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/no_folder/model.gguf",
      r"--out .*model\.gguf: folder .*no_folder does not exist: create it first"),
     ("convert.py", "to-gguf --ckpt {work}/swa.ckpt --out {work}/model.gguf",
@@ -200,6 +202,6 @@ def test_every_message_is_documented():
                      "refusing to load it", "tokens but the checkpoint's model has only", "--temperature must be",
                      "--top-p must be in", "is not available on this machine", "must be a non-empty list",
                      "record has no 'output'", "base checkpoint not found", "checkpoint folder not found",
-                     "exists and is not empty", "exists: pick a new name", "does not exist: create it first",
+                     "exists and is not empty", "exists: pick a new name", "does not exist: create it first", "is a folder: give a file name",
                      "this model uses sliding-window attention", "to-gguf writes byte-level BPE tokenizers"]:
         assert fragment in text, fragment
