@@ -1,14 +1,19 @@
-"""Convert checkpoints to and from the Hugging Face Llama format.
+"""Convert checkpoints to and from the Hugging Face Llama format, and to GGUF for llama.cpp.
 
 Our Transformer IS a Llama network (RoPE in Hugging Face's "split halves" pairing, RMSNorm,
-SwiGLU, grouped-query attention, no biases), so converting only renames the weights; no tensor
-is transposed or permuted. A sliding-window model becomes a Mistral one (same window rule).
+SwiGLU, grouped-query attention, no biases), so converting to Hugging Face only renames the
+weights; no tensor is transposed or permuted. A sliding-window model becomes a Mistral one (same
+window rule). GGUF (llama.cpp's file) also needs q and k permuted into GGML's RoPE pairing.
+A fine-tuned (SFT) checkpoint exports with a chat template: the instruction template as Jinja.
 
 Examples (from the repository root):
 
     # ours -> Hugging Face: a folder that AutoModelForCausalLM / AutoTokenizer load offline
     python convert.py to-hf --ckpt checkpoints/final.ckpt --out hf_model
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf_model')('The cat')[0])"
+
+    # ours -> one GGUF file for llama.cpp and Ollama (f32, f16, bf16 or q8_0; see docs/CONVERT.md)
+    python convert.py to-gguf --ckpt checkpoints/sft/final.ckpt --out model.gguf --dtype q8_0
 
     # Hugging Face -> ours: a local Llama-architecture folder (config.json, *.safetensors or
     # pytorch_model.bin, tokenizer files) becomes a checkpoint for infer.py, eval_val.py,
@@ -17,7 +22,8 @@ Examples (from the repository root):
     python infer.py --ckpt checkpoints_hf/base.ckpt --prompt "The capital of France is" --temperature 0
 
 See docs/CONVERT.md for the whole import -> evaluate -> fine-tune -> chat walk-through.
-This script imports torch and safetensors; `transformers` only for to-hf's config and tokenizer files.
+This script imports torch and safetensors; `transformers` only for to-hf's config files, `gguf`
+only for to-gguf.
 """
 
 import argparse
@@ -27,9 +33,9 @@ import shutil
 
 import torch
 
-from checkpoint import check_weights, load_checkpoint, save_checkpoint
+from checkpoint import atomic_write, check_weights, load_checkpoint, save_checkpoint
 from config import UsageError, config_from_dict, run_cli
-from data import load_tokenizer, tokenizer_for_checkpoint
+from data import format_instruction, load_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 from model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +88,90 @@ def hf_config_kwargs(c: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Chat template: the instruction template as Jinja, for transformers, llama.cpp and chat UIs
+# ---------------------------------------------------------------------------------------------
+
+
+# The instruction template as a chat template. __HEAD__, __INPUT__ and __RESPONSE__ stand for the literal
+# text of data.format_instruction (filled in by instruction_chat_template). Every tag strips the
+# whitespace around it ({%- -%}), so the layout below adds nothing to what it renders.
+CHAT_TEMPLATE = r"""
+{%- if messages and messages[0].role == 'system' -%}
+    {%- set system = messages[0].content | trim -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set system = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if message.role not in ['user', 'assistant'] or (message.role == 'user') != (loop.index0 % 2 == 0) -%}
+        {{- raise_exception('this model takes user and assistant turns in turn, user first (a system message may lead)') -}}
+    {%- elif message.role == 'user' -%}
+        {%- set instruction = message.content | trim -%}
+        {%- if loop.first and system -%}
+            {%- set instruction = system + '\n\n' + instruction -%}
+        {%- endif -%}
+        {{- __HEAD__ + instruction -}}
+        {%- if message.input is defined and message.input and (message.input | trim) -%}
+            {{- __INPUT__ + (message.input | trim) -}}
+        {%- endif -%}
+    {%- else -%}
+        {{- __RESPONSE__ + message.content + eos_token -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- __RESPONSE__ -}}
+{%- endif -%}
+"""
+
+
+def instruction_chat_template() -> str:
+    """data.format_instruction as a Jinja chat template, its literal text taken from the function itself.
+
+    format_instruction(I) = HEAD + I + RESPONSE and format_instruction(I, N) = HEAD + I + INPUT + N + RESPONSE,
+    so rendering it around marker strings yields HEAD ("### Instruction:\n"), INPUT ("\n\n### Input:\n")
+    and RESPONSE ("\n\n### Response:\n"). Messages then render as:
+      user       HEAD + content, then INPUT + message["input"] when the message has a non-blank "input";
+      assistant  RESPONSE + content + EOS (a finished turn, as finetune.py trains and infer.py's chat keeps it);
+      generation prompt: RESPONSE.
+    So [user q] with add_generation_prompt renders format_instruction(q), and a conversation renders as
+    infer.py's chat mode builds it. A leading system message becomes the first paragraph of the first
+    instruction: the model never saw system prompts, but llama.cpp renders one through every template
+    it loads (and falls back to another template if that fails). Any other order of roles is refused.
+    """
+    instruction, input_text = "\x00instruction\x00", "\x00input\x00"
+    head, response = format_instruction(instruction).split(instruction)
+    with_input = format_instruction(instruction, input_text)
+    input_head = with_input[len(head + instruction):with_input.index(input_text)]
+    assert with_input == head + instruction + input_head + input_text + response, "format_instruction changed shape"
+    template = CHAT_TEMPLATE.strip()
+    for name, text in (("__HEAD__", head), ("__INPUT__", input_head), ("__RESPONSE__", response)):
+        template = template.replace(name, "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'")
+    return template
+
+
+def chat_template_for(meta: dict):
+    """The chat template an export carries: ours for a model fine-tuned here (kind "sft"), else the
+    template the model was imported with by from-hf (meta["chat_template"]), else none."""
+    return instruction_chat_template() if meta.get("kind") == "sft" else meta.get("chat_template")
+
+
+def imported_chat_template(folder: str):
+    """The chat template a Hugging Face tokenizer folder ships: chat_template.jinja (written by recent
+    transformers), else tokenizer_config.json's "chat_template" (a string, or a list of named ones)."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return tokenizer_setting(folder, "chat_template")
+
+
+# ---------------------------------------------------------------------------------------------
 # to-hf
 # ---------------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "added_tokens.json")  # a chat template is chosen by chat_template_for
 
 
 def prepare_out_dir(path: str, overwrite: bool) -> None:
@@ -97,37 +182,45 @@ def prepare_out_dir(path: str, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def write_tokenizer(tokenizer, out: str) -> dict:
+def special_tokens(tokenizer) -> tuple[str | None, str]:
+    """(BOS, EOS) as text. A tokenizer folder names its own BOS (or none); for gpt2 and Hub tokenizers
+    loaded without a folder, GPT-2's convention: <|endoftext|> both ends and starts a document."""
+    eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+    bos = tokenizer_setting(tokenizer.spec, "bos_token") if os.path.isdir(tokenizer.spec) else eos
+    return bos, eos
+
+
+def write_tokenizer(tokenizer, out: str, max_seq_len: int, chat_template) -> dict:
     """Tokenizer files AutoTokenizer.from_pretrained(out) reads offline; returns the special token ids.
 
     A tokenizer folder is copied as it is (its own tokenizer_config.json says how to use it).
     Otherwise (gpt2, a Hub name) the `tokenizers` backend is saved as tokenizer.json with a small
     tokenizer_config.json: the generic fast tokenizer class adds no special tokens, like data.py.
+    Either way tokenizer_config.json then says which inputs the model takes (transformers 4.x would
+    otherwise hand `token_type_ids` to generate, which fails), its context length, and the chat template.
     """
-    eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+    bos, eos = special_tokens(tokenizer)
+    config_path = os.path.join(out, "tokenizer_config.json")
+    settings = {}
     if os.path.isdir(tokenizer.spec):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer.spec, name)):
                 shutil.copy(os.path.join(tokenizer.spec, name), os.path.join(out, name))
-        bos = _special_token(tokenizer.spec, "bos_token")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                settings = json.load(f)
     else:
         tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
-        bos = eos  # GPT-2's convention: <|endoftext|> both ends and starts a document
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
-                    "unk_token": eos, "pad_token": eos, "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
-        with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
+                    "unk_token": eos, "pad_token": eos, "clean_up_tokenization_spaces": False}
+    settings.update(model_input_names=["input_ids", "attention_mask"], model_max_length=max_seq_len)
+    settings.pop("chat_template", None)
+    if chat_template:
+        settings["chat_template"] = chat_template
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
     bos_id = tokenizer.backend.token_to_id(bos) if bos else None
     return {"bos_token_id": bos_id, "eos_token_id": tokenizer.eos_id}
-
-
-def _special_token(folder: str, key: str) -> str | None:
-    path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        token = json.load(f).get(key)
-    return token.get("content") if isinstance(token, dict) else token
 
 
 def hf_config(c: ModelConfig, special_ids: dict):
@@ -154,24 +247,24 @@ def to_hf(args) -> int:
     tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
-    weights = {}
-    for name, tensor in ckpt["state_dict"].items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue  # tied: stored once, as the embedding (tie_word_embeddings: true)
-        weights[to_hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
+    weights = to_hf_state_dict(ckpt["state_dict"])
+    if config.tie_embeddings:
+        del weights["lm_head.weight"]  # tied: stored once, as the embedding (tie_word_embeddings: true)
+    weights = {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()}
     save_file(weights, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
 
-    special_ids = write_tokenizer(tokenizer, args.out)
+    template = chat_template_for(meta)
+    special_ids = write_tokenizer(tokenizer, args.out, config.max_seq_len, template)
     hf = hf_config(config, special_ids)
     hf.save_pretrained(args.out)
     _add_legacy_rope_theta(os.path.join(args.out, "config.json"), config.rope_theta)
     # Embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are no text:
-    # never generate them, as infer.py does.
+    # never generate them, as infer.py does. max_length: a plain generate/pipeline call stops at the context.
     padded_rows = list(range(tokenizer.vocab_size, config.vocab_size))
-    GenerationConfig(**special_ids, pad_token_id=special_ids["eos_token_id"],
+    GenerationConfig(**special_ids, pad_token_id=special_ids["eos_token_id"], max_length=config.max_seq_len,
                      suppress_tokens=padded_rows or None).save_pretrained(args.out)
     print(f"wrote {args.out}: {type(hf).__name__} ({meta.get('kind')} checkpoint, step {meta.get('step')}, "
-          f"{len(weights)} tensors), tokenizer {tokenizer.spec}")
+          f"{len(weights)} tensors), tokenizer {tokenizer.spec}" + (", chat template" if template else ""))
     return 0
 
 
@@ -182,6 +275,158 @@ def _add_legacy_rope_theta(path: str, theta: float) -> None:
     config["rope_theta"] = theta
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# to-gguf: one file for llama.cpp and Ollama
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_tensor_names(n_layers: int) -> dict:
+    """Our parameter names -> llama.cpp's (from the gguf package): blocks.3.attn.q_proj.weight -> blk.3.attn_q.weight."""
+    from gguf import MODEL_TENSOR as T, TENSOR_NAMES
+
+    top = {"embed": T.TOKEN_EMBD, "norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
+    block = {"attn_norm": T.ATTN_NORM, "attn.q_proj": T.ATTN_Q, "attn.k_proj": T.ATTN_K, "attn.v_proj": T.ATTN_V,
+             "attn.o_proj": T.ATTN_OUT, "mlp_norm": T.FFN_NORM, "mlp.gate_proj": T.FFN_GATE,
+             "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN}
+    names = {f"{ours}.weight": f"{TENSOR_NAMES[t]}.weight" for ours, t in top.items()}
+    for i in range(n_layers):
+        names.update({f"blocks.{i}.{ours}.weight": f"{TENSOR_NAMES[t].format(bid=i)}.weight" for ours, t in block.items()})
+    return names
+
+
+def to_ggml_rope_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the output rows of a q or k projection from our RoPE pairing to GGML's.
+
+    RoPE turns pairs of each head's dimensions by position * theta^(-2i/head_dim), i < head_dim/2.
+    We (and Hugging Face) pair dimension i with i + head_dim/2; llama.cpp's Llama pairs 2i with 2i+1.
+    So row i of each head moves to 2i and row i + head_dim/2 to 2i+1: the same pairs, turned by the
+    same angles. q and k are permuted alike, so every attention score q.k stays what it was.
+    weight: (n_heads * head_dim, d_model)
+    """
+    head_dim = weight.shape[0] // n_heads
+    halves = weight.reshape(n_heads, 2, head_dim // 2, -1)  # [h, j, i] = row h*head_dim + j*head_dim/2 + i
+    return halves.transpose(1, 2).reshape(weight.shape)  # row h*head_dim + 2i + j
+
+
+def gguf_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens by id, their types, the merges.
+
+    Only byte-level BPE with GPT-2's pre-tokenizer has that exact meaning in llama.cpp (gpt2, and
+    train_tokenizer.py folders); any other tokenizer would split text differently there, so it is refused.
+    """
+    from gguf import TokenType
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    if (model["type"] != "BPE" or spec.get("normalizer") or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
+            or pre.get("add_prefix_space") or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")):
+        raise UsageError(f"to-gguf writes byte-level BPE tokenizers with GPT-2's pre-tokenizer (gpt2, train_tokenizer.py "
+                         f"folders), but {tokenizer.spec} is a {model['type']} tokenizer with pre-tokenizer "
+                         f"{pre.get('type')}: use to-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
+    added = tokenizer.backend.get_added_tokens_decoder()  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(tokenizer.vocab_size):
+        token = tokenizer.backend.id_to_token(i)
+        tokens.append(token if token is not None else f"[UNUSED{i}]")
+        types.append(TokenType.UNUSED if token is None else TokenType.CONTROL if i in added and added[i].special
+                     else TokenType.USER_DEFINED if i in added else TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # "a b" or ["a", "b"]
+    return tokens, types, merges
+
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# How GPT-2's byte-level BPE cuts text into words before merging (the `tokenizers` ByteLevel pre-tokenizer's rule).
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def to_gguf(args) -> int:
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("to-gguf needs the gguf package: pip install -r requirements.txt") from None
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder: give a file name such as model.gguf")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists: pick a new name or pass --overwrite")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {args.out}: folder {folder} does not exist: create it first")
+    ckpt = load_checkpoint(args.ckpt)
+    meta = ckpt["meta"]
+    config = ModelConfig(**meta["model_config"])
+    if config.swa_window:
+        raise UsageError(f"this model uses sliding-window attention (swa_window {config.swa_window}), which llama.cpp's "
+                         "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
+    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
+    tokens, token_types, merges = gguf_vocab(tokenizer)
+    bos, _ = special_tokens(tokenizer)
+    template = chat_template_for(meta)
+
+    qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer = gguf.GGUFWriter(None, "llama")
+    writer.add_name(os.path.splitext(os.path.basename(args.out))[0])
+    writer.add_file_type(file_types[args.dtype])
+    if args.dtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.d_ff)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre("gpt-2")  # ... split into words by GPT-2's regular expression
+    writer.add_string("tokenizer.ggml.pretokenizer", GPT2_SPLIT)  # the same for Ollama's engine (default: Llama 3's)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    if bos:
+        writer.add_bos_token_id(tokenizer.backend.token_to_id(bos))
+    writer.add_add_bos_token(False)  # like data.py: text is encoded as it is
+    writer.add_add_eos_token(False)
+    if template:
+        writer.add_chat_template(template)
+
+    names, kept_f16 = gguf_tensor_names(config.n_layers), []
+    for name, tensor in ckpt["state_dict"].items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # tied: llama.cpp uses token_embd as the output head when there is no output.weight
+        weight = tensor.detach().to(torch.float32)
+        if name in ("embed.weight", "lm_head.weight"):
+            weight = weight[:len(tokens)]  # llama.cpp wants one row per token; the padding rows are no text
+        if name.endswith("q_proj.weight"):
+            weight = to_ggml_rope_layout(weight, config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            weight = to_ggml_rope_layout(weight, config.n_kv_heads)
+        qtype = qtypes[args.dtype] if weight.dim() > 1 else gguf.GGMLQuantizationType.F32  # norms stay f32
+        if qtype == gguf.GGMLQuantizationType.Q8_0 and weight.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16  # q8_0 cuts rows into blocks of 32; else f16, as llama.cpp does
+            kept_f16.append(names[name])
+        writer.add_tensor(names[name], gguf.quants.quantize(weight.numpy(), qtype), raw_dtype=qtype)
+
+    def write(f):  # GGUFWriter opens the file by name: the temporary one that atomic_write then renames
+        writer.write_header_to_file(path=f.name)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(args.out, write)
+    n_tensors = len(names) - (1 if config.tie_embeddings else 0)
+    print(f"wrote {args.out}: llama, {args.dtype}, {n_tensors} tensors, {len(tokens)} tokens "
+          f"({meta.get('kind')} checkpoint, step {meta.get('step')})" + (", chat template" if template else "")
+          + (f"; kept in f16 (rows not a multiple of 32): {', '.join(kept_f16)}" if kept_f16 else ""))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +554,14 @@ def from_hf(args) -> int:
             "train_loss": None, "val_loss": None, "n_params": n_params, "model_config": vars(config).copy(),
             "config": run_config(config, tokenizer.spec), "tokenizer": tokenizer.spec,
             "imported_from": os.path.abspath(folder)}
+    template = imported_chat_template(tokenizer.spec) if os.path.isdir(tokenizer.spec) else None
+    if template:
+        meta["chat_template"] = template  # exported again by to-hf / to-gguf until the model is fine-tuned here
     save_checkpoint({"state_dict": state_dict, "meta": meta}, args.out)
     swa = f", sliding window {config.swa_window}" if config.swa_window else ""
     print(f"wrote {args.out}: {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "
           f"{config.n_heads} heads / {config.n_kv_heads} K/V heads, context {config.max_seq_len}{swa}, "
-          f"tokenizer {tokenizer.spec}")
+          f"tokenizer {tokenizer.spec}" + (", chat template" if template else ""))
     return 0
 
 
@@ -331,6 +579,14 @@ def parse_args(argv=None):
     out.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
     out.add_argument("--tokenizer", default="auto", help="auto = the one recorded in the checkpoint; or gpt2, a folder")
     out.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    gg = sub.add_parser("to-gguf", help="our .ckpt -> a GGUF file for llama.cpp and Ollama",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gg.add_argument("--ckpt", required=True, help="checkpoint written by train.py, finetune.py or from-hf")
+    gg.add_argument("--out", required=True, help="file to write (model.gguf)")
+    gg.add_argument("--dtype", default="f32", choices=GGUF_DTYPES,
+                    help="weight type of the matrices (norms stay f32); q8_0: 8-bit blocks of 32, about 1/4 of f32")
+    gg.add_argument("--tokenizer", default="auto", help="auto = the one recorded in the checkpoint; or gpt2, a folder")
+    gg.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     inp = sub.add_parser("from-hf", help="a local Hugging Face Llama/Mistral folder -> our .ckpt",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     inp.add_argument("--model", required=True, help="local folder with config.json and the weights")
@@ -344,7 +600,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return to_hf(args) if args.command == "to-hf" else from_hf(args)
+    return {"to-hf": to_hf, "to-gguf": to_gguf, "from-hf": from_hf}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -67,17 +67,27 @@ def _gpt2_backend():
     return backend
 
 
-def _eos_from_folder(folder: str, backend) -> int | None:
+def tokenizer_setting(folder: str, key: str):
+    """One setting of a Hugging Face tokenizer folder (eos_token, bos_token, chat_template, ...), or None.
+
+    Read from tokenizer_config.json, else special_tokens_map.json; a token written as {"content": ...}
+    comes back as its text.
+    """
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token")
-            if isinstance(eos, dict):
-                eos = eos.get("content")
-            if eos is not None and backend.token_to_id(eos) is not None:
-                return backend.token_to_id(eos)
+                value = json.load(f).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                return value
     return None
+
+
+def _eos_from_folder(folder: str, backend) -> int | None:
+    eos = tokenizer_setting(folder, "eos_token")
+    return backend.token_to_id(eos) if eos is not None else None
 
 
 def is_offline(offline: bool = False) -> bool:

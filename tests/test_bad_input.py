@@ -64,6 +64,17 @@ def work(tmp_path_factory, tiny_ckpt):
     (folder / "sft_no_base.yaml").write_text(f"finetune:\n  base_checkpoint: {folder / 'nothing.ckpt'}\n")
     (folder / "hf_out").mkdir()
     (folder / "hf_out" / "config.json").write_text("{}")
+    swa = ModelConfig(vocab_size=256, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16, swa_window=4)
+    save_checkpoint({"state_dict": {f"model.{k}": v for k, v in Transformer(swa).state_dict().items()},
+                     "meta": {"kind": "pretrain", "step": 1, "model_config": vars(swa), "tokenizer": "gpt2"}},
+                    str(folder / "swa.ckpt"))
+    from tokenizers import Tokenizer, models  # a word-level tokenizer: no GGUF "gpt2" vocabulary can hold it
+
+    (folder / "words").mkdir()
+    Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "word": 2}, unk_token="<unk>")).save(str(folder / "words" / "tokenizer.json"))
+    (folder / "words" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    save_checkpoint({"state_dict": state, "meta": {"kind": "pretrain", "step": 1, "model_config": vars(small),
+                                                   "tokenizer": str(folder / "words")}}, str(folder / "words.ckpt"))
     return folder
 
 
@@ -113,6 +124,18 @@ ROWS = [
      r"--model .* is not a folder: download the model first"),
     ("convert.py", "from-hf --model {work}/hf_out --out {work}/model.ckpt",
      r"--out .*model\.ckpt exists: pick a new name or pass --overwrite"),
+    ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/model.ckpt",
+     r"--out .*model\.ckpt exists: pick a new name or pass --overwrite"),
+    ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/hf_out",
+     r"--out .*hf_out is a folder: give a file name such as model\.gguf"),
+    ("convert.py", "to-gguf --ckpt {work}/model.ckpt --out {work}/no_folder/model.gguf",
+     r"--out .*model\.gguf: folder .*no_folder does not exist: create it first"),
+    ("convert.py", "to-gguf --ckpt {work}/swa.ckpt --out {work}/model.gguf",
+     r"this model uses sliding-window attention \(swa_window 4\), which llama\.cpp's Llama architecture would "
+     r"replace by full attention .*: export it with to-hf instead"),
+    ("convert.py", "to-gguf --ckpt {work}/words.ckpt --out {work}/model.gguf",
+     r"to-gguf writes byte-level BPE tokenizers .*words is a WordLevel tokenizer with pre-tokenizer None: use to-hf, "
+     r"then llama\.cpp's convert_hf_to_gguf\.py"),
 ]
 
 
@@ -179,5 +202,6 @@ def test_every_message_is_documented():
                      "refusing to load it", "tokens but the checkpoint's model has only", "--temperature must be",
                      "--top-p must be in", "is not available on this machine", "must be a non-empty list",
                      "record has no 'output'", "base checkpoint not found", "checkpoint folder not found",
-                     "exists and is not empty"]:
+                     "exists and is not empty", "exists: pick a new name", "does not exist: create it first", "is a folder: give a file name",
+                     "this model uses sliding-window attention", "to-gguf writes byte-level BPE tokenizers"]:
         assert fragment in text, fragment

@@ -15,9 +15,9 @@ import eval_val
 import evaluate_checkpoints
 import finetune
 import infer
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from config import UsageError
-from data import load_tokenizer
+from data import format_instruction, load_tokenizer
 from model import ModelConfig, Transformer
 from conftest import ROOT, run_script
 
@@ -170,6 +170,155 @@ def test_to_hf_refuses_a_non_empty_folder(tmp_path, tiny_ckpt):
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"]
 
 
+# ---------------------------------------------------------------- chat template, tokenizer and generation settings
+
+
+CONTEXT = 96  # room for three chat turns
+
+
+@pytest.fixture(scope="module")
+def sft_export(tmp_path_factory):
+    """A tiny random SFT checkpoint (GPT-2 tokenizer) and its to-hf folder: (checkpoint, folder)."""
+    folder = tmp_path_factory.mktemp("sft_export")
+    save_tiny_checkpoint(folder / "sft.ckpt", "gpt2", vocab_size=50304, max_seq_len=CONTEXT)
+    assert convert.main(["to-hf", "--ckpt", str(folder / "sft.ckpt"), "--out", str(folder / "hf")]) == 0
+    return folder / "sft.ckpt", folder / "hf"
+
+
+# (instruction, input): blanks, padding, several lines, quotes, backslashes, Jinja syntax, non-ASCII whitespace
+TEMPLATE_CASES = [("What is attention?", None), ("  padded\n ", ""), ("Sum these.", "1 2 3"), ("Sum these.", "   "),
+                  ("line one\nline two\n\nthree", "  x\ny  "), ("it's \"quoted\" \\n not a newline", "{{ 1 + 1 }} {% if %}"),
+                  ("\u3000caf\u00e9 \U0001F600\u00a0", "\t\u00fcber\n"), ("", None), ("### Response:", "### Instruction:")]
+
+
+@pytest.mark.parametrize("instruction, input_text", TEMPLATE_CASES)
+def test_chat_template_renders_format_instruction(sft_export, instruction, input_text):
+    """apply_chat_template([user]) with the generation prompt is format_instruction, exactly (an "input" key too)."""
+    tok = transformers.AutoTokenizer.from_pretrained(sft_export[1])
+    message = {"role": "user", "content": instruction} | ({} if input_text is None else {"input": input_text})
+    rendered = tok.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+    assert rendered == format_instruction(instruction, input_text or "")
+    without_prompt = tok.apply_chat_template([message], tokenize=False, add_generation_prompt=False)
+    assert rendered.startswith(without_prompt) and "### Response:" not in without_prompt[-len("### Response:\n"):]
+
+
+def test_chat_template_system_message_and_refusals(sft_export):
+    """A leading system message is the instruction's first paragraph; roles out of turn order are refused."""
+    tok = transformers.AutoTokenizer.from_pretrained(sft_export[1])
+    render = lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render([{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Why?"}]) == \
+        format_instruction("Be brief.\n\nWhy?")
+    assert render([{"role": "system", "content": "  "}, {"role": "user", "content": "Why?"}]) == format_instruction("Why?")
+    for bad in ([{"role": "assistant", "content": "Hi"}],
+                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+                [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}]):
+        with pytest.raises(Exception, match="user and assistant turns in turn"):
+            render(bad)
+
+
+def test_multi_turn_chat_renders_as_infer_chat_builds_it(sft_export, monkeypatch, capsys):
+    """infer.py --interactive's prompt at every turn == the chat template on the same conversation, id for id."""
+    ckpt, folder = sft_export
+    replies = iter([" Paris.\n\n", "Caf\u00e9 \U0001F600", "\nthree"])
+    lines = iter(["What is the capital of France?", "  And a word with an accent? ", "Count to three."])
+    seen = []
+
+    def fake_complete(model, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
+        seen.append(list(prompt_ids))
+        return [next(replies)], [1.0]
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(infer, "complete", fake_complete)
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert infer.main(["--ckpt", str(ckpt), "--interactive", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    users = ["What is the capital of France?", "  And a word with an accent? ", "Count to three."]
+    answers = [" Paris.\n\n", "Caf\u00e9 \U0001F600", "\nthree"]
+    assert len(seen) == 3
+    for turn in range(3):
+        messages = []
+        for user, answer in zip(users[:turn], answers[:turn]):
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": users[turn]})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert ids == seen[turn], turn
+
+
+def test_pipeline_chat_greedy_equals_infer(sft_export, capsys):
+    """transformers.pipeline on a messages list continues exactly as infer.py --temperature 0 on the instruction."""
+    ckpt, folder = sft_export
+    question, n_new = "What is attention?", 20
+    chat = transformers.pipeline("text-generation", str(folder))
+    out = chat([{"role": "user", "content": question}], do_sample=False, max_new_tokens=n_new)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant"
+    capsys.readouterr()
+    infer.main(["--ckpt", str(ckpt), "--prompt", question, "--temperature", "0", "--max-new-tokens", str(n_new),
+                "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert printed == reply["content"] + "\n" and len(set(reply["content"])) > 3
+
+
+def test_tokenizer_config_and_generation_config(sft_export):
+    """No token_type_ids go to the model, and a plain pipeline call stops at the context (max_length).
+
+    transformers 5 behaviour, pinned here: an explicit max_new_tokens takes precedence over max_length
+    (it logs that it does) and generates past the context; transformers only warns ("exceeded the
+    model's predefined maximum length"). infer.py instead slides its window over the most recent tokens.
+    """
+    ckpt, folder = sft_export
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    assert settings["model_input_names"] == ["input_ids", "attention_mask"] and settings["model_max_length"] == CONTEXT
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert set(tok("The cat")) == {"input_ids", "attention_mask"}
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["max_length"] == CONTEXT
+    pipe = transformers.pipeline("text-generation", str(folder))
+    no_eos = [[tok.eos_token_id]]  # so that only the length can stop it
+    plain = pipe("The cat", do_sample=False, bad_words_ids=no_eos, return_tensors=True)
+    assert len(plain[0]["generated_token_ids"]) == CONTEXT  # prompt + new tokens = the context, no more
+    longer = pipe("The cat", do_sample=False, bad_words_ids=no_eos, return_tensors=True, max_new_tokens=CONTEXT)
+    assert len(longer[0]["generated_token_ids"]) == len(tok("The cat")["input_ids"]) + CONTEXT
+
+
+def test_imported_chat_template_travels_until_fine_tuned(tmp_path):
+    """from-hf keeps a model's own template (tokenizer_config.json or chat_template.jinja); to-hf and to-gguf
+    export it; once the checkpoint is fine-tuned here (kind sft) the export carries the instruction template."""
+    tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
+    theirs = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    for source in ("tokenizer_config.json", "chat_template.jinja"):
+        folder = tmp_path / source
+        hf_folder(folder, tok_dir)
+        if source == "chat_template.jinja":
+            (folder / source).write_text(theirs)
+        else:
+            settings = json.loads((folder / source).read_text())
+            (folder / source).write_text(json.dumps(settings | {"chat_template": theirs}))
+        ckpt = tmp_path / f"{source}.ckpt"
+        assert convert.main(["from-hf", "--model", str(folder), "--out", str(ckpt)]) == 0
+        assert load_checkpoint(str(ckpt))["meta"]["chat_template"] == theirs
+        convert.main(["to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / f"{source}-hf")])
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / f"{source}-hf").chat_template == theirs
+    fine_tuned = load_checkpoint(str(ckpt))  # what finetune.py writes: kind sft, the base's meta otherwise
+    fine_tuned["meta"]["kind"] = "sft"
+    save_checkpoint(fine_tuned, str(tmp_path / "sft.ckpt"))
+    convert.main(["to-hf", "--ckpt", str(tmp_path / "sft.ckpt"), "--out", str(tmp_path / "sft-hf")])
+    assert not (tmp_path / "sft-hf" / "chat_template.jinja").exists()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "sft-hf").chat_template == \
+        convert.instruction_chat_template()
+
+
+def test_pretrained_export_has_no_chat_template(tiny_ckpt, tmp_path):
+    convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "hf")])
+    assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+
+
 # ---------------------------------------------------------------- Hugging Face -> ours
 
 
@@ -219,8 +368,6 @@ def test_import_mistral_sliding_window(tmp_path):
 def test_export_then_import_gives_back_the_same_weights(tiny_ckpt, tmp_path):
     convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "hf")])
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back.ckpt")])
-    from checkpoint import load_checkpoint
-
     before, after = (load_checkpoint(str(p))["state_dict"] for p in (tiny_ckpt, tmp_path / "back.ckpt"))
     assert before.keys() == after.keys()
     for name in before:
@@ -233,7 +380,7 @@ def test_imported_checkpoint_works_in_every_script(tmp_path, capsys):
     hf_folder(tmp_path / "hf", tok_dir)
     ckpt = str(tmp_path / "m.ckpt")
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", ckpt, "--max-seq-len", "32"])
-    meta = json.loads((tmp_path / "m.ckpt.json").read_text())  # the sidecar list.py reads
+    meta = json.loads((tmp_path / "m.ckpt.json").read_text())["meta"]  # the sidecar list.py reads
     assert meta["kind"] == "pretrain" and meta["step"] == 0 and meta["model_config"]["max_seq_len"] == 32
     assert meta["config"]["data"]["tokenizer_name"] == meta["tokenizer"] == str(tmp_path / "hf")
     capsys.readouterr()
