@@ -109,7 +109,10 @@ class Training:
     # Wall-clock budget in seconds for training (validation included; resumes add up); null = none. The LR
     # schedule then runs on whichever budget is nearer its end: step / max_steps or elapsed / max_time.
     max_time: Optional[float] = None
-    lr: float = 3e-4  # peak learning rate
+    lr: float = 3e-4  # peak learning rate (of AdamW's parameters when optimizer is muon)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (optimizer: muon)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update: fewer are cheaper, rougher
     lr_schedule: str = "warmup_cosine"  # warmup_cosine | plateau (warm-up, then constant, cut on plateaus)
     warmup_ratio: float = 0.05  # fraction of max_steps spent warming the LR up linearly from 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
@@ -199,6 +202,10 @@ class Model:
     tie_embeddings: Optional[bool] = None
     swa_window: Optional[int] = None
     gradient_checkpointing: Optional[bool] = None
+    mlp: Optional[str] = None
+    qk_norm: Optional[bool] = None
+    logit_softcap: Optional[float] = None
+    zero_init: Optional[bool] = None
 
     def given(self) -> dict:
         """The keys the config file (or --set) gave a value."""
@@ -297,6 +304,11 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{key} must be a positive integer, got {value}")
     if not t.lr > 0:
         raise UsageError(f"training.lr must be positive, got {t.lr}")
+    if t.optimizer not in ("adamw", "muon"):
+        raise UsageError(f"training.optimizer must be adamw or muon, got {t.optimizer!r}")
+    if not t.muon_lr > 0 or not 1 <= t.muon_ns_steps <= 20:
+        raise UsageError(f"training.muon_lr must be positive and training.muon_ns_steps in 1..20, got {t.muon_lr} "
+                         f"and {t.muon_ns_steps}")
     if t.lr_schedule not in ("warmup_cosine", "plateau"):
         raise UsageError(f"training.lr_schedule must be warmup_cosine or plateau, got {t.lr_schedule!r}")
     if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:

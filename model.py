@@ -39,6 +39,12 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the input embedding with the output projection
     swa_window: int = 0  # sliding-window attention: 0 = full causal; w > 0 = each token sees the last w tokens
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # Departures from the Llama recipe, off by default (measured for the Shakespeare recipe, docs/PERFORMANCE.md).
+    # convert.py refuses to export a model that uses one: Hugging Face's Llama could not compute it.
+    mlp: str = "swiglu"  # swiglu (Llama's gated MLP) | relu2: down(relu(up(x))^2), two matrices instead of three
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before RoPE: attention logits stay bounded
+    logit_softcap: float = 0.0  # 0 = off; c > 0: logits = c * tanh(logits / c), so no logit exceeds c
+    zero_init: bool = False  # the two projections that write into the residual stream start at zero
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -59,6 +65,15 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)!r}")
+        if self.mlp not in ("swiglu", "relu2"):
+            raise ValueError(f"model.mlp must be swiglu or relu2, got {self.mlp!r}")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"model.logit_softcap must be 0 (off) or positive, got {self.logit_softcap!r}")
+
+    @property
+    def llama_compatible(self) -> bool:
+        """Whether Hugging Face's Llama (or Mistral) computes exactly this network (zero_init only changes the start)."""
+        return self.mlp == "swiglu" and not self.qk_norm and not self.logit_softcap
 
     @property
     def head_dim(self) -> int:
@@ -161,6 +176,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
         self.record_weights, self.weights = False, None
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
@@ -171,7 +188,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_heads, T_past + T, head_dim)
@@ -205,6 +222,18 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class ReLUSquared(nn.Module):
+    """Ungated MLP: down(relu(up(x))^2). Two matrices instead of SwiGLU's three, so a wider d_ff for the same size."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
 class Block(nn.Module):
     """One pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
@@ -217,7 +246,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else ReLUSquared(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
@@ -266,13 +295,14 @@ class Transformer(nn.Module):
         - the two projections that write into the residual stream (attn.o_proj, mlp.down_proj):
           normal(0, 0.02 / sqrt(2 * n_layers)), so the stream's variance stays O(1) however deep;
         - RMSNorm gains: 1 (their constructor does it).
-        With tied embeddings, the output head starts from the embedding's values.
+        With tied embeddings, the output head starts from the embedding's values. With zero_init, the two
+        residual projections start at 0: every block starts as the identity and the gradient still flows.
         """
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         for name in ("o_proj", "down_proj"):
             if hasattr(module, name):
-                std = 0.02 / math.sqrt(2 * self.config.n_layers)
+                std = 0.0 if self.config.zero_init else 0.02 / math.sqrt(2 * self.config.n_layers)
                 nn.init.normal_(getattr(module, name).weight, mean=0.0, std=std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -314,4 +344,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T, vocab_size)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.logit_softcap:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        return logits

@@ -73,19 +73,29 @@ def lr_multiplier(step: int, t, elapsed: float = 0.0, plateau_scale: float = 1.0
 
 
 def make_optimizers(model: torch.nn.Module, t) -> tuple[dict, dict]:
-    """({name: optimizer}, {name: [peak lr of each param group]}).
+    """({name: optimizer}, {name: [peak lr of each param group]}), for training.optimizer:
 
-    AdamW with weight decay on matrices only: decaying norm gains only hurts. The peak learning rates
-    come from the config (not from a restored optimizer), so a resumed run follows the config it is
-    given now.
+    adamw  AdamW for everything, with weight decay on matrices only (decaying norm gains only hurts).
+    muon   Muon (momentum, then each update orthogonalised by Newton-Schulz iterations) for the hidden
+           matrices, the attention and MLP projections, at training.muon_lr and without weight decay; AdamW,
+           as above, for the rest: the embedding and output head (matrices that map tokens, not features)
+           and the norm gains.
+    The peak learning rates come from the config, not from a restored optimizer, so a resumed run
+    follows the config it is given now.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    adamw = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    return {"adamw": adamw}, {"adamw": [t.lr, t.lr]}
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    hidden = {name for name, p in params.items() if p.dim() == 2 and name.startswith("blocks.")}
+    adamw_params = [p for name, p in params.items() if t.optimizer == "adamw" or name not in hidden]
+    groups = [{"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers = {"adamw": torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)}
+    peak_lrs = {"adamw": [t.lr, t.lr]}
+    if t.optimizer == "muon":
+        matrices = [p for name, p in params.items() if name in hidden]
+        optimizers["muon"] = torch.optim.Muon(matrices, lr=t.muon_lr, weight_decay=0.0, momentum=0.95,
+                                              nesterov=True, ns_steps=t.muon_ns_steps)
+        peak_lrs["muon"] = [t.muon_lr]
+    return optimizers, peak_lrs
 
 
 def token_loss(logits, labels):
