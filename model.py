@@ -319,12 +319,11 @@ class Transformer(nn.Module):
         attn_span = min(seq_len, c.swa_window) if c.swa_window else seq_len
         return 6 * matmul_weights + 12 * c.n_layers * c.d_model * attn_span
 
-    def forward(self, idx, cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
+    def forward(self, idx, cache: KVCache | None = None, last_only: bool = False):
         """idx: (B, T) token ids. With a cache, idx holds the next T tokens after those already cached.
 
         last_only=True returns only the last position's logits (B, 1, vocab_size): generation needs
         nothing else, and skipping the output head elsewhere makes a long prefill several times cheaper.
-        return_hidden=True returns the output head's input instead of logits: (B, T, d_model).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -344,8 +343,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if return_hidden:
-            return x
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)

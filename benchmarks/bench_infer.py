@@ -70,12 +70,13 @@ def bench_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
         return torch.stack([tokens for tokens, _ in steps])
 
     def without_cache():
-        ids = prompt
-        head = model.lm_head.weight.t().contiguous()  # the same fast head layout infer.generate uses
+        ids, head = prompt, model.lm_head
+        model.lm_head = infer.TransposedHead(head.weight)  # the same fast head layout infer.generate uses
         for _ in range(new_tokens):
             with torch.inference_mode():  # every step recomputes every position's keys and values
-                logits = (model(ids, last_only=True, return_hidden=True)[:, -1] @ head)[:, :VOCAB]
+                logits = model(ids, last_only=True)[:, -1, :VOCAB]
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        model.lm_head = head
         return ids[0, prompt.shape[1]:]
 
     assert with_cache()[:, 0].tolist() == without_cache().tolist(), "cached and uncached greedy tokens differ"

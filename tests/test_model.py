@@ -352,13 +352,52 @@ def test_parameter_and_flop_counts():
         assert model.flops_per_token(32) == 6 * (body + head) + 12 * c.n_layers * c.d_model * 32
 
 
-def test_hidden_states_times_the_head_are_the_logits():
-    """return_hidden gives the output head's input: what infer.py multiplies by its transposed head copy."""
-    model = build(tiny_config(), scale=0.5).eval()
-    idx = torch.randint(0, model.config.vocab_size, (2, 9))
-    hidden = model(idx, return_hidden=True)  # (2, 9, d_model)
-    assert hidden.shape == (2, 9, model.config.d_model)
-    torch.testing.assert_close(hidden @ model.lm_head.weight.t().contiguous(), model(idx))
+# ---------------------------------------------------------------- departures from the Llama recipe (model.* flags)
+
+
+def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
+    plain = build(tiny_config(), scale=0.5)
+    idx = torch.randint(0, 101, (2, 9))
+    raw = plain(idx)
+    cap = float(raw.abs().max()) / 2  # half the largest logit: the cap visibly bites
+    capped = Transformer(tiny_config(logit_softcap=cap)).eval()
+    capped.load_state_dict(plain.state_dict())
+    soft = capped(idx)
+    assert soft.abs().max() < cap
+    torch.testing.assert_close(soft, cap * torch.tanh(raw / cap))
+    assert torch.equal(raw.argmax(-1), soft.argmax(-1))
+
+
+@pytest.mark.parametrize("flags", [{"mlp": "relu2"}, {"qk_norm": True}, {"logit_softcap": 15.0},
+                                   {"mlp": "relu2", "qk_norm": True, "logit_softcap": 15.0}])
+def test_every_flag_keeps_the_kv_cache_equal_to_the_full_forward(flags):
+    model = build(tiny_config(**flags), scale=0.5)
+    idx = torch.randint(0, 101, (1, 20))
+    full = model(idx)
+    cache = KVCache(model.config, 1)
+    steps = [model(idx[:, :12], cache)] + [model(idx[:, t:t + 1], cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)  # logits of size ~10
+    assert not model.config.llama_compatible
+
+
+def test_relu2_is_up_then_squared_relu_then_down_and_qk_norm_normalises_each_head():
+    model = build(tiny_config(mlp="relu2", qk_norm=True), scale=0.5)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(block.mlp(x), block.mlp.down_proj(torch.relu(block.mlp.up_proj(x)) ** 2))
+    assert sum(p.numel() for p in block.mlp.parameters()) == 2 * 64 * 96
+    q = block.attn.q_proj(x).view(2, 5, 4, 16)
+    normed = block.attn.q_norm(q) / block.attn.q_norm.weight  # without its gain: unit RMS per head
+    torch.testing.assert_close(normed.pow(2).mean(-1), torch.ones(2, 5, 4), atol=1e-4, rtol=1e-4)
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    model = Transformer(tiny_config(zero_init=True))
+    assert all(b.attn.o_proj.weight.abs().max() == 0 and b.mlp.down_proj.weight.abs().max() == 0 for b in model.blocks)
+    x = torch.randn(1, 6, 64)
+    cos, sin = rope_cos_sin(torch.arange(6), 16, 10000.0)
+    torch.testing.assert_close(model.blocks[0](x, cos, sin, "causal"), x)
+    assert tiny_config().llama_compatible and tiny_config(zero_init=True).llama_compatible
 
 
 # ---------------------------------------------------------------- recorded attention weights (explore.py)
