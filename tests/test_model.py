@@ -358,8 +358,8 @@ def test_parameter_and_flop_counts():
 def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
     plain = build(tiny_config(), scale=0.5)
     idx = torch.randint(0, 101, (2, 9))
-    raw = plain(idx)
-    cap = float(raw.abs().max()) / 2  # half the largest logit: the cap visibly bites
+    raw = plain(idx).detach()
+    cap = raw.abs().max().item() / 2  # half the largest logit: the cap visibly bites
     capped = Transformer(tiny_config(logit_softcap=cap)).eval()
     capped.load_state_dict(plain.state_dict())
     soft = capped(idx)
