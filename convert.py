@@ -33,7 +33,7 @@ import shutil
 
 import torch
 
-from checkpoint import atomic_write, check_weights, load_checkpoint, save_checkpoint
+from checkpoint import atomic_write, check_weights, load_checkpoint, model_config_of, save_checkpoint
 from config import UsageError, config_from_dict, run_cli
 from data import format_instruction, load_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 from model import ModelConfig
@@ -237,13 +237,26 @@ def hf_config(c: ModelConfig, special_ids: dict):
     return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"], **kwargs)
 
 
+def exportable_config(meta: dict, path: str, target: str) -> ModelConfig:
+    """The checkpoint's ModelConfig, refused in one line when it departs from the Llama recipe (model.mlp,
+    qk_norm, logit_softcap): `target` could load such weights but would compute a different network."""
+    config = model_config_of(meta, path)
+    if not config.llama_compatible:
+        used = [f"model.{k}={v}" for k, v in (("mlp", config.mlp), ("qk_norm", config.qk_norm),
+                                               ("logit_softcap", config.logit_softcap))
+                if v != getattr(ModelConfig, k)]
+        raise UsageError(f"{path} uses {', '.join(used)}, which {target} does not compute: exporting it would give "
+                         "a different model; only models on the Llama recipe export")
+    return config
+
+
 def to_hf(args) -> int:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
-    config = ModelConfig(**meta["model_config"])
+    config = exportable_config(meta, args.ckpt, "Hugging Face's Llama")
     tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
@@ -356,7 +369,7 @@ def to_gguf(args) -> int:
         raise UsageError(f"--out {args.out}: folder {folder} does not exist: create it first")
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
-    config = ModelConfig(**meta["model_config"])
+    config = exportable_config(meta, args.ckpt, "llama.cpp's Llama architecture")
     if config.swa_window:
         raise UsageError(f"this model uses sliding-window attention (swa_window {config.swa_window}), which llama.cpp's "
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")

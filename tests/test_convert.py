@@ -426,3 +426,14 @@ def test_refusal_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
     assert "attention_bias" in result.stderr and not (tmp_path / "m.ckpt").exists()
+
+
+@pytest.mark.parametrize("command", ["to-hf", "to-gguf"])
+def test_a_model_off_the_llama_recipe_is_not_exported(tmp_path, command):
+    """Hugging Face's Llama and llama.cpp would load the weights and compute another network: refused, one line."""
+    ckpt = tmp_path / "relu2.ckpt"
+    save_tiny_checkpoint(ckpt, "gpt2", vocab_size=50304, mlp="relu2", qk_norm=True)
+    out = tmp_path / ("hf" if command == "to-hf" else "m.gguf")
+    with pytest.raises(UsageError, match=r"uses model.mlp=relu2, model.qk_norm=True, which .* does not compute"):
+        convert.main([command, "--ckpt", str(ckpt), "--out", str(out)])
+    assert not out.exists() or not any(out.iterdir())
