@@ -129,7 +129,7 @@ def _tokenizer_from_folder(folder: str, spec: str) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError, ...) for a bad folder
         raise UsageError(f"tokenizer folder {folder} holds no readable tokenizer ({type(e).__name__}: "
-                         f"{_first_line(e)}): it needs tokenizer.json, or the files of a Hugging Face tokenizer") from None
+                         f"{_first_line(e)}): it needs tokenizer.json, or a Hugging Face tokenizer's files") from None
     return _from_transformers(hf, spec)
 
 
@@ -188,8 +188,10 @@ def is_hub_name(name: str) -> bool:
 
 
 def is_offline(offline: bool = False) -> bool:
-    """data.offline, or HF_HUB_OFFLINE in the environment (read now, not when huggingface_hub was imported)."""
-    return offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
+    """data.offline, or HF_HUB_OFFLINE (or the older TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) set in the
+    environment: read now, not when huggingface_hub was imported."""
+    return offline or any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+                          for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def check_hub_reachable(what: str, timeout: float = 3.0) -> None:
@@ -218,8 +220,9 @@ def _cached_snapshot(name: str, repo_type: str, what: str) -> str:
     except LocalEntryNotFoundError as e:
         if getattr(e, "snapshot_path", None):  # a partial download: use what is there, the loader says what is missing
             return e.snapshot_path
+        local = "folder" if what == "tokenizer" else "file"
         raise UsageError(f"{what} {name!r} not found in the local cache (offline mode): download it once online "
-                         f"(data.offline: false), or use a local {'folder' if what == 'tokenizer' else 'file'}") from None
+                         f"(data.offline: false), or use a local {local}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +303,8 @@ def _parts(data, source: str) -> list[tuple[str, str]]:
     key = "data.dataset" if source == data.dataset else "data.val_dataset"
     if source == data.dataset and data.data_files:
         return [("datasets", source)]
-    if _is_saved_dataset(source):
-        return [("saved", source)]
+    if _is_saved_dataset(os.path.expanduser(source)):
+        return [("saved", os.path.expanduser(source))]
     if not is_hub_name(source):
         files = _local_files(os.path.expanduser(source), key)
         return [("json" if p.endswith((".jsonl", ".json")) else "table" if p.endswith(tuple(TABLE_BUILDERS))
@@ -352,7 +355,7 @@ def _table_records(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _dataset_rows(data, kind: str, path: str, split: str, label: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a saved dataset folder, a builder over data.data_files, or a Hub dataset (name or cached folder)."""
+    """(where, row) of a saved dataset folder, a builder over data.data_files, or a Hub dataset (name, cached folder)."""
     import datasets  # slow import: only for datasets
 
     if kind == "saved":
@@ -385,14 +388,20 @@ def _records(data, kind: str, path: str, split: str, label: str) -> Iterator[tup
 
 def _text_documents(path: str, txt_documents: str) -> Iterator[str]:
     text = read_text(path)
-    parts = [text] if txt_documents == "file" else text.split("\n\n") if txt_documents == "paragraph" else text.splitlines()
+    if txt_documents == "file":
+        parts = [text]
+    elif txt_documents == "paragraph":
+        parts = text.split("\n\n")
+    else:
+        parts = text.splitlines()
     yield from (p.strip() for p in parts if p.strip())
 
 
 def _text_of(where: str, record, text_field: str) -> str:
     """The document text of one record, checked: a JSON object whose text_field is a string."""
     if not isinstance(record, dict):
-        raise UsageError(f"{where}: expected a JSON object with a {text_field!r} field, got {json.dumps(record, default=str)[:60]}")
+        got = json.dumps(record, default=str)[:60]
+        raise UsageError(f"{where}: expected a JSON object with a {text_field!r} field, got {got}")
     if text_field not in record:
         raise UsageError(f"{where}: no field {text_field!r} (set data.text_field)")
     text = record[text_field]
@@ -426,7 +435,8 @@ def iter_documents(data, source: str | None = None, split: str | None = None) ->
         if kind == "text":
             yield from _text_documents(path, data.txt_documents)
         else:
-            yield from (_text_of(where, record, data.text_field) for where, record in _records(data, kind, path, split, source))
+            for where, record in _records(data, kind, path, split, source):
+                yield _text_of(where, record, data.text_field)
 
     return (doc for kind, path in parts for doc in documents(kind, path))
 
@@ -447,17 +457,19 @@ def split_documents(data, records: bool = False):
     """
     read = iter_records if records else iter_documents
     noun = "records" if records else "documents"
-    has_splits = bool(data.data_files) or is_hub_name(data.dataset) or _is_saved_dataset(data.dataset)
+    has_splits = (bool(data.data_files) or is_hub_name(data.dataset)  # and a saved DatasetDict (a saved Dataset: no)
+                  or os.path.isfile(os.path.join(os.path.expanduser(data.dataset), "dataset_dict.json")))
     if data.val_dataset:
         return (itertools.islice(read(data), data.train_docs), read(data, data.val_dataset),
                 f"validation = all of {data.val_dataset}")
     if data.val_split and not has_splits:
-        raise UsageError(f"data.val_split (eval_val.py --split) names a split of a Hugging Face dataset, but "
-                         f"{data.dataset} is local files without splits: hold out {noun} with data.val_docs, "
-                         "or name a file with data.val_dataset")
+        raise UsageError(f"data.val_split (eval_val.py --split) names a split, but {data.dataset} has no named "
+                         f"splits (local files; only Hub datasets, builders and saved DatasetDicts have them): hold "
+                         f"out {noun} with data.val_docs, or name a file with data.val_dataset")
     if data.val_split:
-        return (itertools.islice(read(data), data.train_docs), itertools.islice(read(data, split=data.val_split), data.val_docs or None),
-                f"validation = split {data.val_split!r}" + (f" (its first {data.val_docs} {noun})" if data.val_docs else ""))
+        val = itertools.islice(read(data, split=data.val_split), data.val_docs or None)
+        first = f" (its first {data.val_docs} {noun})" if data.val_docs else ""
+        return itertools.islice(read(data), data.train_docs), val, f"validation = split {data.val_split!r}{first}"
     if data.streaming and (data.data_files or is_hub_name(data.dataset)):
         val = itertools.islice(read(data), data.val_docs)
         train = itertools.islice(read(data), data.val_docs, None)
@@ -484,7 +496,8 @@ def _hold_out_last(read, n: int, name: str, noun: str):
 
     def check(count):
         if count <= n:
-            raise UsageError(f"{name} has {count} {noun}, not more than data.val_docs={n}: add text or lower data.val_docs")
+            raise UsageError(f"{name} has {count} {noun}, not more than data.val_docs={n}: add text or lower "
+                             "data.val_docs")
 
     def train():
         nonlocal tail
@@ -618,7 +631,7 @@ def load_tokens(docs: Iterable[str], tokenizer: Tokenizer, data, part: str) -> t
 
 
 def _read_token_cache(path: str, tokenizer: Tokenizer) -> tuple[torch.Tensor | None, str]:
-    """(the cached tokens, "") when PATH.bin matches PATH.json; else (None, what is wrong; "" when there is no cache)."""
+    """(the cached tokens, "") when PATH.bin matches PATH.json, else (None, what is wrong: "" when there is no cache)."""
     have_bin, have_json = os.path.isfile(path + ".bin"), os.path.isfile(path + ".json")
     if not have_bin and not have_json:
         return None, ""

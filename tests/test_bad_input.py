@@ -169,7 +169,7 @@ ROWS = [
     ("train.py", "--config {work}/config.yaml --set data.val_dataset={work}/notes",
      r"no data files \(\.txt, \.jsonl, \.json, \.parquet, \.csv\) in folder .*notes: check data\.val_dataset"),
     ("eval_val.py", "--ckpt {work}/model.ckpt --split test",
-     r"data\.val_split \(eval_val\.py --split\) names a split .* local files without splits"),
+     r"data\.val_split \(eval_val\.py --split\) names a split, but .* has no named splits .*: hold out documents"),
     ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/sft_input.jsonl --set data.val_docs=1",
      r"sft_input\.jsonl:1: record has a non-string 'input' \(input is optional text"),
     ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/sft_instruction.jsonl --set data.val_docs=1",
@@ -257,7 +257,7 @@ def test_every_message_is_documented():
                      "is empty: a config needs at least one section", "must contain a mapping of sections",
                      "expected a JSON object with a 'text' field", "not a string: fix the record",
                      "not a readable parquet file", "a pattern must match files", "no file matches data.dataset pattern",
-                     "no data files (.txt, .jsonl, .json, .parquet, .csv) in folder", "names a split of a Hugging Face",
+                     "no data files (.txt, .jsonl, .json, .parquet, .csv) in folder", "names a split, but",
                      "record has a non-string 'input'", "is plain text, not records", "not valid JSON",
                      "is damaged or not a tokenizer file", "tokenizer folder", "not found in the local cache (offline mode)",
                      "is a file: name a folder", "token cache", "has N documents, not more than data.val_docs"]:

@@ -184,7 +184,8 @@ def test_offline_is_offline_in_a_fresh_process(tmp_path):
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
 
     def unreachable(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -336,6 +337,9 @@ def test_saved_dataset_dict_splits(tmp_path):
     assert list(train) == DOCS[:6] and list(val) == DOCS[6:] and how == "validation = split 'test' (its first 50 documents)"
     with pytest.raises(UsageError, match="has no split 'validation'"):
         list(iter_documents(Data(dataset=str(tmp_path / "dd"), split="validation")))
+    plain = write_source(tmp_path, "saved")  # a saved Dataset has no splits: validating on "test" would be training
+    with pytest.raises(UsageError, match="has no named splits"):
+        split_documents(Data(dataset=str(plain), val_split="test"))
 
 
 # --- bad input: one line naming the file and the place -----------------------------------------
