@@ -8,7 +8,8 @@
 
 Sources (`data.dataset`, `data.val_dataset`): a local .txt, .jsonl, .json, .parquet or .csv file, a folder
 of them (read in sorted path order, each file by its own format, other files skipped), a glob, a folder
-written by `datasets.save_to_disk`, a `datasets` builder with `data.data_files`, or a Hub dataset name.
+written by `datasets.save_to_disk` or laid out like a Hub dataset (a README.md dataset card), a `datasets`
+builder with `data.data_files`, or a Hub dataset name.
 `is_hub_name` is the one rule that tells a Hub name from a local path.
 
 Packing: documents are joined with an EOS token between them (so the model learns where a text
@@ -74,16 +75,16 @@ def load_tokenizer(name: str, offline: bool = False) -> Tokenizer:
         return _tokenizer_from_folder(os.path.expanduser(name), spec=os.path.abspath(os.path.expanduser(name)))
     if is_offline(offline):
         where = _cached_snapshot(name, "model", "tokenizer")  # a local folder: transformers never asks the network
+        problem = "is in the local cache but incomplete or unreadable: download it again online"
     else:
         check_hub_reachable(f"tokenizer {name!r}")
-        where = name
+        where, problem = name, "not found on the Hub or on disk: use gpt2, a local folder, or a valid Hub name"
     from transformers import AutoTokenizer  # slow import: only for tokenizers that are not plain files
 
     try:
         hf = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"tokenizer {name!r} not found on the Hub or on disk: use gpt2, a local folder, or a valid "
-                         f"Hub name [{_first_line(e)}]") from None
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
+        raise UsageError(f"tokenizer {name!r} {problem} [{_first_line(e)}]") from None
     return _from_transformers(hf, name)
 
 
@@ -232,8 +233,17 @@ def _cached_snapshot(name: str, repo_type: str, what: str) -> str:
 
 def read_text(path: str) -> str:
     """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         return _decode(f.read(), path)
+
+
+def _open(path: str):
+    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
+                         "permissions") from None
 
 
 def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
@@ -293,20 +303,34 @@ def _is_saved_dataset(path: str) -> bool:
         os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _is_dataset_repo(path: str) -> bool:
+    """A folder laid out like a Hub dataset (a README.md dataset card starting with `---`, as `hf download
+    --local-dir` leaves it): `datasets` reads it with its configs and splits, so its test split stays out."""
+    card = os.path.join(path, "README.md")
+    if not os.path.isfile(card):
+        return False
+    with _open(card) as f:
+        return f.read(4) in (b"---\n", b"---\r")
+
+
 def _parts(data, source: str) -> list[tuple[str, str]]:
     """What a source consists of, checked without reading it: [(kind, path or name), ...] in reading order.
 
     kind: "text" (.txt and any other suffix: plain text), "json" (.jsonl, .json), "table" (.parquet, .csv),
-    "saved" (a save_to_disk folder), "datasets" (a Hub dataset, or a builder reading data.data_files).
+    "saved" (a save_to_disk folder), "repo" (a local folder laid out like a Hub dataset), "datasets" (a Hub
+    dataset, or a builder reading data.data_files).
     A Hub name is checked here, so a mistake fails in seconds: reachable online, in the local cache offline.
     """
     key = "data.dataset" if source == data.dataset else "data.val_dataset"
+    local = os.path.expanduser(source)
     if source == data.dataset and data.data_files:
         return [("datasets", source)]
-    if _is_saved_dataset(os.path.expanduser(source)):
-        return [("saved", os.path.expanduser(source))]
+    if _is_saved_dataset(local):
+        return [("saved", local)]
+    if _is_dataset_repo(local):
+        return [("repo", local)]
     if not is_hub_name(source):
-        files = _local_files(os.path.expanduser(source), key)
+        files = _local_files(local, key)
         return [("json" if p.endswith((".jsonl", ".json")) else "table" if p.endswith(tuple(TABLE_BUILDERS))
                  else "text", p) for p in files]
     if is_offline(data.offline):
@@ -317,7 +341,7 @@ def _parts(data, source: str) -> list[tuple[str, str]]:
 
 def _json_records(path: str) -> Iterator[tuple[str, object]]:
     """(where, record) of a .jsonl file (one JSON value per line) or a .json file (a JSON array, or JSON Lines)."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         if path.endswith(".json") and f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             f.seek(0)
             try:
@@ -364,9 +388,9 @@ def _dataset_rows(data, kind: str, path: str, split: str, label: str) -> Iterato
             if split not in ds:
                 raise UsageError(f"saved dataset {path} has no split {split!r} (it has {', '.join(ds)})")
             ds = ds[split]
-    else:
+    else:  # a local folder is streamed (read in place, no copy in the datasets cache); the Hub as configured
         try:
-            ds = datasets.load_dataset(path, data.config, split=split, streaming=data.streaming,
+            ds = datasets.load_dataset(path, data.config, split=split, streaming=data.streaming or kind == "repo",
                                        data_files=data.data_files if label == data.dataset else None)
         except (FileNotFoundError, ConnectionError, ValueError) as e:
             raise UsageError(f"could not load dataset {label!r} split {split!r}: {_first_line(e)} "
@@ -457,8 +481,12 @@ def split_documents(data, records: bool = False):
     """
     read = iter_records if records else iter_documents
     noun = "records" if records else "documents"
-    has_splits = (bool(data.data_files) or is_hub_name(data.dataset)  # and a saved DatasetDict (a saved Dataset: no)
-                  or os.path.isfile(os.path.join(os.path.expanduser(data.dataset), "dataset_dict.json")))
+    folder = os.path.expanduser(data.dataset)
+    has_splits = (bool(data.data_files) or is_hub_name(data.dataset) or _is_dataset_repo(folder)
+                  or os.path.isfile(os.path.join(folder, "dataset_dict.json")))  # a saved DatasetDict; not a Dataset
+    if data.val_dataset and os.path.realpath(os.path.expanduser(data.val_dataset)) == os.path.realpath(folder):
+        raise UsageError(f"data.val_dataset is data.dataset ({data.dataset}): validation would be training text; "
+                         "leave data.val_dataset out to hold out data.val_docs documents, or name another source")
     if data.val_dataset:
         return (itertools.islice(read(data), data.train_docs), read(data, data.val_dataset),
                 f"validation = all of {data.val_dataset}")
@@ -580,7 +608,7 @@ def _content_hash(source: str | None) -> str | None:
     None for a Hub name or anything that is not there."""
     if not source or is_hub_name(source):
         return None
-    if _is_saved_dataset(source):
+    if _is_saved_dataset(source) or _is_dataset_repo(source):
         return _sha256(_files_under(source))
     try:
         return _sha256(_local_files(os.path.expanduser(source), "data.dataset"))
@@ -625,7 +653,12 @@ def load_tokens(docs: Iterable[str], tokenizer: Tokenizer, data, part: str) -> t
     if problem:
         print(f"{part} token cache {path}.bin is unusable ({problem}): rebuilding it", file=sys.stderr)
     tokens = tokenize_documents(docs, tokenizer, data.max_doc_len, f"tokenizing {part}")
-    _write_token_cache(path, tokens, tokenizer, data, part)
+    try:
+        _write_token_cache(path, tokens, tokenizer, data, part)
+    except OSError as e:  # a full disk or a read-only folder costs the cache, not the run
+        print(f"{part} tokens: {len(tokens):,} tokenized, not cached: cannot write {path}.bin "
+              f"({e.strerror or type(e).__name__})", file=sys.stderr)
+        return tokens
     print(f"{part} tokens: {len(tokens):,} tokenized and cached in {path}.bin", file=sys.stderr)
     return tokens
 
@@ -641,14 +674,16 @@ def _read_token_cache(path: str, tokenizer: Tokenizer) -> tuple[torch.Tensor | N
         with open(path + ".json", encoding="utf-8") as f:
             about = json.load(f)
         n, dtype, checksum = about["tokens"], about["dtype"], about["sha256"]
+        size = os.path.getsize(path + ".bin")
+        if dtype != "int32" or not isinstance(n, int) or size != 4 * n:
+            return None, f"{size:,} bytes where its .json says {n} int32 tokens"
+        with open(path + ".bin", "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != checksum:
+                return None, "its sha256 differs from the one in its .json"
+    except OSError as e:
+        return None, f"cannot read it: {e.strerror or type(e).__name__}"
     except (ValueError, TypeError, KeyError):
         return None, "its .json is damaged or from an older version"
-    size = os.path.getsize(path + ".bin")
-    if dtype != "int32" or not isinstance(n, int) or size != 4 * n:
-        return None, f"{size:,} bytes where its .json says {n} int32 tokens"
-    with open(path + ".bin", "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != checksum:
-            return None, "its sha256 differs from the one in its .json"
     if n == 0:
         return torch.zeros(0, dtype=torch.int32), ""
     tokens = torch.from_file(path + ".bin", shared=False, size=n, dtype=torch.int32)  # mapped, copy-on-write

@@ -168,6 +168,8 @@ ROWS = [
      r"no file matches data\.dataset pattern .*nothing\*\.csv"),
     ("train.py", "--config {work}/config.yaml --set data.val_dataset={work}/notes",
      r"no data files \(\.txt, \.jsonl, \.json, \.parquet, \.csv\) in folder .*notes: check data\.val_dataset"),
+    ("train.py", "--config {work}/config.yaml --set data.val_dataset={work}/short.txt --set data.dataset={work}/short.txt",
+     r"data\.val_dataset is data\.dataset \(.*short\.txt\): validation would be training text"),
     ("eval_val.py", "--ckpt {work}/model.ckpt --split test",
      r"data\.val_split \(eval_val\.py --split\) names a split, but .* has no named splits .*: hold out documents"),
     ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/sft_input.jsonl --set data.val_docs=1",
@@ -260,5 +262,7 @@ def test_every_message_is_documented():
                      "no data files (.txt, .jsonl, .json, .parquet, .csv) in folder", "names a split, but",
                      "record has a non-string 'input'", "is plain text, not records", "not valid JSON",
                      "is damaged or not a tokenizer file", "tokenizer folder", "not found in the local cache (offline mode)",
-                     "is a file: name a folder", "token cache", "has N documents, not more than data.val_docs"]:
+                     "is a file: name a folder", "token cache", "has N documents, not more than data.val_docs",
+                     "cannot read PATH", "data.val_dataset is data.dataset", "not cached: cannot write",
+                     "in the local cache but incomplete"]:
         assert fragment in text, fragment

@@ -592,3 +592,39 @@ def test_data_order_is_reproducible_and_resumable():
     resumed = [again[k][0][0].item() for k in StridedSampler(12, 25)]
     assert resumed == first[12:]
     assert [ShuffledPasses(windows, seed=8)[k][0][0].item() for k in range(10)] != first[:10]
+
+
+def test_a_folder_laid_out_like_a_hub_dataset_keeps_its_splits(tmp_path):
+    """`hf download --local-dir` leaves a dataset card and one file per split: the test split is not training text."""
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: train.jsonl\n  - split: test\n    path: test.jsonl\n---\n# card\n")
+    write_source(folder, "jsonl", DOCS[:6], "train")
+    write_source(folder, "jsonl", DOCS[6:], "test")
+    train, val, _ = split_documents(Data(dataset=str(folder), val_docs=2))
+    assert list(train) == DOCS[:4] and list(val) == DOCS[4:6]  # split "train" only, its last 2 held out
+    train, val, _ = split_documents(Data(dataset=str(folder), val_split="test", val_docs=0))
+    assert list(train) == DOCS[:6] and list(val) == DOCS[6:]
+
+
+def test_validation_on_the_training_source_is_refused(tmp_path):
+    path = write_source(tmp_path, "txt")
+    with pytest.raises(UsageError, match="data.val_dataset is data.dataset"):
+        split_documents(Data(dataset=str(path), val_dataset=str(tmp_path / "." / "docs.txt")))
+
+
+def test_an_unreadable_file_is_one_line(tmp_path):
+    write_source(tmp_path, "txt", ["readable"], "a")
+    os.symlink(tmp_path / "moved_away.txt", tmp_path / "b.txt")  # a broken link in a data folder
+    with pytest.raises(UsageError, match=r"cannot read .*b\.txt \(No such file or directory\): check the file"):
+        list(iter_documents(Data(dataset=str(tmp_path))))
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, capsys):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    cfg = Data(dataset=str(ROOT / "data" / "tiny_corpus.txt"), val_docs=4, cache_dir=str(tmp_path / "cache"))
+    tok = load_tokenizer("gpt2")
+    tokens = load_tokens(split_documents(cfg)[1], tok, cfg, "val")
+    assert torch.equal(tokens, tokenize_documents(split_documents(cfg)[1], tok))
+    assert f"val tokens: {len(tokens):,} tokenized, not cached: cannot write" in capsys.readouterr().err
