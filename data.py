@@ -18,6 +18,7 @@ Validation never overlaps training: see `split_documents`.
 """
 
 import collections
+import contextlib
 import glob
 import hashlib
 import importlib.util
@@ -367,35 +368,44 @@ def _table_records(path: str) -> Iterator[tuple[str, dict]]:
     import datasets  # slow import: only for parquet/csv files and datasets
 
     builder = TABLE_BUILDERS[os.path.splitext(path)[1]]
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it would log the error our one line reports
-    try:
+    with _datasets_errors(f"{path}: not a readable {builder} file ({{error}}): check the file"):
         rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
         yield from ((f"{path} row {i}", row) for i, row in enumerate(rows))
-    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid and pandas' ParserError are ValueErrors
-        raise UsageError(f"{path}: not a readable {builder} file ({_first_line(e)}): check the file") from None
-    finally:
-        datasets.logging.set_verbosity(verbosity)
 
 
 def _dataset_rows(data, kind: str, path: str, split: str, label: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a saved dataset folder, a builder over data.data_files, or a Hub dataset (name, cached folder)."""
+    """(where, row) of a saved dataset folder, a local Hub-layout folder, a builder over data.data_files, or a Hub
+    dataset (by name, or its folder in the local cache)."""
     import datasets  # slow import: only for datasets
 
-    if kind == "saved":
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise UsageError(f"saved dataset {path} has no split {split!r} (it has {', '.join(ds)})")
-            ds = ds[split]
-    else:  # a local folder is streamed (read in place, no copy in the datasets cache); the Hub as configured
-        try:
+    with _datasets_errors(f"could not load dataset {label!r} split {split!r}: {{error}} (check data.dataset/config/"
+                          "split, or use a local file)"):
+        if kind == "saved":
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UsageError(f"saved dataset {path} has no split {split!r} (it has {', '.join(ds)})")
+                ds = ds[split]
+        else:  # a local folder is streamed (read in place, no copy in the datasets cache); the Hub as configured
             ds = datasets.load_dataset(path, data.config, split=split, streaming=data.streaming or kind == "repo",
                                        data_files=data.data_files if label == data.dataset else None)
-        except (FileNotFoundError, ConnectionError, ValueError) as e:
-            raise UsageError(f"could not load dataset {label!r} split {split!r}: {_first_line(e)} "
-                             "(check data.dataset/config/split, or use a local file)") from None
-    yield from ((f"{label} row {i}", row) for i, row in enumerate(ds))
+        yield from ((f"{label} row {i}", row) for i, row in enumerate(ds))
+
+
+@contextlib.contextmanager
+def _datasets_errors(message: str):
+    """What `datasets` (or pyarrow and pandas under it) raises while loading or reading, as one UsageError line:
+    message.format(error=its first line). Its own log line for the same error is silenced meanwhile."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:  # OSError: also ConnectionError, FileNotFound
+        raise UsageError(message.format(error=_first_line(e))) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _records(data, kind: str, path: str, split: str, label: str) -> Iterator[tuple[str, object]]:
