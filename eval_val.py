@@ -6,9 +6,10 @@ Examples:
     python eval_val.py --ckpt checkpoints/final.ckpt --config config.yaml --device cpu
     python eval_val.py --ckpt checkpoints/final.ckpt --split test        # a Hub dataset's test split instead
 
-Only the validation documents are read and tokenized, chosen by `data.split_documents`: the same
-held-out definition training used, so the number here is the one training logged (run with
-`--max-batches training.val_batches` to score exactly the windows training scored).
+Only the validation documents are tokenized (or taken from training's token cache), chosen by
+`data.split_documents`: the same held-out definition training used, so the number here is the one
+training logged (run with `--max-batches training.val_batches` to score exactly the windows
+training scored).
 
 What is reported:
     val_loss  token-weighted mean negative log-likelihood (nats per token): sum of NLL / tokens scored
