@@ -232,86 +232,134 @@ def _cached_snapshot(name: str, repo_type: str, what: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_text(path: str) -> str:
-    """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
-    with _open(path) as f:
-        return _decode(f.read(), path)
+def split_documents(data, records: bool = False):
+    """(train, val, description): the one definition of the held-out set, the same for every kind of source.
 
-
-def _open(path: str):
-    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
-                         "permissions") from None
-
-
-def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
-    """raw bytes of `path` (starting at line `first_line`) as text, or a UsageError that names the line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save it as UTF-8, or give a "
-                         "parquet/csv file its own extension") from None
-    if "\x00" in text:
-        line = first_line + raw.count(b"\n", 0, raw.index(b"\x00"))
-        raise UsageError(f"{path}:{line}: binary data (a NUL byte), not text: name a text file, or give a "
-                         "parquet/csv file its own extension")
-    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-
-
-def _files_under(folder: str) -> list[str]:
-    """Every file below `folder`, recursively, in sorted order; hidden files and folders (.name) are skipped.
-
-    Walked, not globbed: a folder named `exp[1]` is a folder, not a pattern.
+    - `val_dataset` set: validation is all of that source, training all of `dataset`.
+    - `val_split` set (a Hub or saved dataset with named splits): validation is that split (its first
+      `val_docs` documents when val_docs > 0), training all of `split`.
+    - otherwise validation is the LAST `val_docs` documents of `dataset` and training every document before
+      them: a .txt line, a JSON record, a parquet/csv row, a dataset row alike, wherever they come from.
+      The one exception is a streamed dataset (data.streaming: true), whose end is not known until it has
+      all been downloaded: it holds out its FIRST `val_docs` documents, and training starts after them.
+    `train_docs` caps the training documents. Both parts are lazy: nothing is read until a part is iterated
+    (a run whose tokens are cached reads no text), and neither part holds more than val_docs documents
+    in memory. records=True gives (where, record) pairs (finetune.py) instead of texts.
     """
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, f) for f in files if not f.startswith(".")]
-    return sorted(found)
+    read = iter_records if records else iter_documents
+    noun = "records" if records else "documents"
+    folder = os.path.expanduser(data.dataset)
+    has_splits = (bool(data.data_files) or is_hub_name(data.dataset) or _is_dataset_repo(folder)
+                  or os.path.isfile(os.path.join(folder, "dataset_dict.json")))  # a saved DatasetDict; not a Dataset
+    if data.val_dataset and os.path.realpath(os.path.expanduser(data.val_dataset)) == os.path.realpath(folder):
+        raise UsageError(f"data.val_dataset is data.dataset ({data.dataset}): validation would be training text; "
+                         "leave data.val_dataset out to hold out data.val_docs documents, or name another source")
+    if data.val_dataset:
+        return (itertools.islice(read(data), data.train_docs), read(data, data.val_dataset),
+                f"validation = all of {data.val_dataset}")
+    if data.val_split and not has_splits:
+        raise UsageError(f"data.val_split (eval_val.py --split) names a split, but {data.dataset} has no named "
+                         f"splits (local files; only Hub datasets, builders and saved DatasetDicts have them): hold "
+                         f"out {noun} with data.val_docs, or name a file with data.val_dataset")
+    if data.val_split:
+        val = itertools.islice(read(data, split=data.val_split), data.val_docs or None)
+        first = f" (its first {data.val_docs} {noun})" if data.val_docs else ""
+        return itertools.islice(read(data), data.train_docs), val, f"validation = split {data.val_split!r}{first}"
+    if data.streaming and (data.data_files or is_hub_name(data.dataset)):
+        val = itertools.islice(read(data), data.val_docs)
+        train = itertools.islice(read(data), data.val_docs, None)
+        if data.shuffle_buffer:
+            train = _shuffled_stream(train, data.shuffle_buffer, seed=0)
+        return (itertools.islice(train, data.train_docs), val,
+                f"validation = the first {data.val_docs} {noun} of {data.dataset} split {data.split!r} (streamed: "
+                "its end is unknown); training starts after them")
+    train, val = _hold_out_last(lambda: read(data), data.val_docs, data.dataset, noun)
+    return (itertools.islice(train, data.train_docs), val,
+            f"validation = the last {data.val_docs} {noun} of {data.dataset}; training = the {noun} before them"
+            + (f" (at most {data.train_docs})" if data.train_docs else ""))
 
 
-def _local_files(source: str, key: str) -> list[str]:
-    """The files a local source names: the file itself, a folder's data files (recursively), or a glob's matches."""
-    if os.path.isfile(source):
-        return [source]
-    if os.path.isdir(source):
-        files = [p for p in _files_under(source) if p.endswith(DATA_SUFFIXES)]
-        if not files:
-            raise UsageError(f"no data files ({', '.join(DATA_SUFFIXES)}) in folder {source}: check {key}")
-        return files
-    if any(c in source for c in "*?["):  # a pattern written by the user: the one place a data path is globbed
-        matches = sorted(glob.glob(source, recursive=True))
-        folders = [p for p in matches if os.path.isdir(p)]
-        if folders:
-            raise UsageError(f"{key} pattern {source!r} matches the folder {folders[0]}: a pattern must match files "
-                             f"(e.g. {os.path.join(folders[0], '*.txt')}), or name the folder itself")
-        if not matches:
-            raise UsageError(f"no file matches {key} pattern {source!r}: check the pattern")
-        return matches
-    raise UsageError(f"dataset file not found: {source} (check {key})")
+def _hold_out_last(read, n: int, name: str, noun: str):
+    """(train, val) over the items of read(): all but the last n, and the last n, each read lazily in one pass.
+
+    Training lags n items behind the reader, so the n items still held when the source ends are the
+    validation set. The val part reuses them when the training part was read to the end; otherwise
+    (it was capped, or never read because its tokens are cached) it reads the source itself.
+    """
+    unread = [read()]  # opened now, so a missing file or an unreachable Hub fails before anything is read
+    tail = None
+
+    def check(count):
+        if count <= n:
+            raise UsageError(f"{name} has {count} {noun}, not more than data.val_docs={n}: add text or lower "
+                             "data.val_docs")
+
+    def train():
+        nonlocal tail
+        held, count = collections.deque(), 0
+        for count, item in enumerate(unread.pop() if unread else read(), 1):
+            held.append(item)
+            if len(held) > n:
+                yield held.popleft()
+        check(count)
+        tail = list(held)
+
+    def val():
+        if tail is None:
+            held, count = collections.deque(maxlen=n), 0
+            for count, item in enumerate(unread.pop() if unread else read(), 1):
+                held.append(item)
+            check(count)
+            yield from held
+        else:
+            yield from tail
+
+    return train(), val()
 
 
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+def _shuffled_stream(docs: Iterator[str], buffer_size: int, seed: int) -> Iterator[str]:
+    """Approximate shuffle of a stream: keep a buffer, emit a random element, refill its slot."""
+    generator = torch.Generator().manual_seed(seed)
+    buffer = []
+    for doc in docs:
+        if len(buffer) < buffer_size:
+            buffer.append(doc)
+            continue
+        i = int(torch.randint(len(buffer), (1,), generator=generator))
+        yield buffer[i]
+        buffer[i] = doc
+    order = torch.randperm(len(buffer), generator=generator).tolist()
+    yield from (buffer[i] for i in order)
 
 
-def _is_dataset_repo(path: str) -> bool:
-    """A folder laid out like a Hub dataset (a README.md dataset card starting with `---`, as `hf download
-    --local-dir` leaves it): `datasets` reads it with its configs and splits, so its test split stays out."""
-    card = os.path.join(path, "README.md")
-    if not os.path.isfile(card):
-        return False
-    with _open(card) as f:
-        return f.read(4) in (b"---\n", b"---\r")
+def iter_documents(data, source: str | None = None, split: str | None = None) -> Iterator[str]:
+    """Every document of a source, in order, as a string. `data` is the config's `data` section.
+
+    A .txt file splits by data.txt_documents (line, paragraph, file); a record gives its data.text_field.
+    The source is checked now; it is read as the result is iterated.
+    """
+    source, split = source or data.dataset, split or data.split
+    parts = _parts(data, source)
+
+    def documents(kind, path):
+        if kind == "text":
+            yield from _text_documents(path, data.txt_documents)
+        else:
+            for where, record in _records(data, kind, path, split, source):
+                yield _text_of(where, record, data.text_field)
+
+    return (doc for kind, path in parts for doc in documents(kind, path))
+
+
+def iter_records(data, source: str | None = None, split: str | None = None) -> Iterator[tuple[str, object]]:
+    """Every record of a source, in order, as (where, record): JSON values of .jsonl/.json files, rows of
+    .parquet/.csv files and datasets. `where` ("file:line", "file[i]", "file row i", "name row i", counted
+    from 0 except lines) names the record in messages. Plain-text files hold no records: a UsageError.
+    The source is checked now; it is read as the result is iterated.
+    """
+    source, split = source or data.dataset, split or data.split
+    parts = _parts(data, source)
+    return (item for kind, path in parts for item in _records(data, kind, path, split, source))
 
 
 def _parts(data, source: str) -> list[tuple[str, str]]:
@@ -338,6 +386,91 @@ def _parts(data, source: str) -> list[tuple[str, str]]:
         return [("datasets", _cached_snapshot(source, "dataset", "dataset"))]
     check_hub_reachable(f"dataset {source!r}")
     return [("datasets", source)]
+
+
+def _local_files(source: str, key: str) -> list[str]:
+    """The files a local source names: the file itself, a folder's data files (recursively), or a glob's matches."""
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        files = [p for p in _files_under(source) if p.endswith(DATA_SUFFIXES)]
+        if not files:
+            raise UsageError(f"no data files ({', '.join(DATA_SUFFIXES)}) in folder {source}: check {key}")
+        return files
+    if any(c in source for c in "*?["):  # a pattern written by the user: the one place a data path is globbed
+        matches = sorted(glob.glob(source, recursive=True))
+        folders = [p for p in matches if os.path.isdir(p)]
+        if folders:
+            raise UsageError(f"{key} pattern {source!r} matches the folder {folders[0]}: a pattern must match files "
+                             f"(e.g. {os.path.join(folders[0], '*.txt')}), or name the folder itself")
+        if not matches:
+            raise UsageError(f"no file matches {key} pattern {source!r}: check the pattern")
+        return matches
+    raise UsageError(f"dataset file not found: {source} (check {key})")
+
+
+def _files_under(folder: str) -> list[str]:
+    """Every file below `folder`, recursively, in sorted order; hidden files and folders (.name) are skipped.
+
+    Walked, not globbed: a folder named `exp[1]` is a folder, not a pattern.
+    """
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _is_dataset_repo(path: str) -> bool:
+    """A folder laid out like a Hub dataset (a README.md dataset card starting with `---`, as `hf download
+    --local-dir` leaves it): `datasets` reads it with its configs and splits, so its test split stays out."""
+    card = os.path.join(path, "README.md")
+    if not os.path.isfile(card):
+        return False
+    with _open(card) as f:
+        return f.read(4) in (b"---\n", b"---\r")
+
+
+def _text_documents(path: str, txt_documents: str) -> Iterator[str]:
+    text = read_text(path)
+    if txt_documents == "file":
+        parts = [text]
+    elif txt_documents == "paragraph":
+        parts = text.split("\n\n")
+    else:
+        parts = text.splitlines()
+    yield from (p.strip() for p in parts if p.strip())
+
+
+def _text_of(where: str, record, text_field: str) -> str:
+    """The document text of one record, checked: a JSON object whose text_field is a string."""
+    if not isinstance(record, dict):
+        got = json.dumps(record, default=str)[:60]
+        raise UsageError(f"{where}: expected a JSON object with a {text_field!r} field, got {got}")
+    if text_field not in record:
+        raise UsageError(f"{where}: no field {text_field!r} (set data.text_field)")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: field {text_field!r} is {json.dumps(text, default=str)[:40]}, not a string: "
+                         "fix the record, or set data.text_field")
+    return text
+
+
+def _records(data, kind: str, path: str, split: str, label: str) -> Iterator[tuple[str, object]]:
+    if kind == "text":
+        raise UsageError(f"{path} is plain text, not records: records come from .jsonl/.json/.parquet/.csv files "
+                         "or a dataset (check data.dataset)")
+    if kind == "json":
+        yield from _json_records(path)
+    elif kind == "table":
+        yield from _table_records(path)
+    else:
+        yield from _dataset_rows(data, kind, path, split, label)
 
 
 def _json_records(path: str) -> Iterator[tuple[str, object]]:
@@ -408,171 +541,38 @@ def _datasets_errors(message: str):
         datasets.logging.set_verbosity(verbosity)
 
 
-def _records(data, kind: str, path: str, split: str, label: str) -> Iterator[tuple[str, object]]:
-    if kind == "text":
-        raise UsageError(f"{path} is plain text, not records: records come from .jsonl/.json/.parquet/.csv files "
-                         "or a dataset (check data.dataset)")
-    if kind == "json":
-        yield from _json_records(path)
-    elif kind == "table":
-        yield from _table_records(path)
-    else:
-        yield from _dataset_rows(data, kind, path, split, label)
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
+    with _open(path) as f:
+        return _decode(f.read(), path)
 
 
-def _text_documents(path: str, txt_documents: str) -> Iterator[str]:
-    text = read_text(path)
-    if txt_documents == "file":
-        parts = [text]
-    elif txt_documents == "paragraph":
-        parts = text.split("\n\n")
-    else:
-        parts = text.splitlines()
-    yield from (p.strip() for p in parts if p.strip())
+def _open(path: str):
+    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
+                         "permissions") from None
 
 
-def _text_of(where: str, record, text_field: str) -> str:
-    """The document text of one record, checked: a JSON object whose text_field is a string."""
-    if not isinstance(record, dict):
-        got = json.dumps(record, default=str)[:60]
-        raise UsageError(f"{where}: expected a JSON object with a {text_field!r} field, got {got}")
-    if text_field not in record:
-        raise UsageError(f"{where}: no field {text_field!r} (set data.text_field)")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise UsageError(f"{where}: field {text_field!r} is {json.dumps(text, default=str)[:40]}, not a string: "
-                         "fix the record, or set data.text_field")
-    return text
+def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
+    """raw bytes of `path` (starting at line `first_line`) as text, or a UsageError that names the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save it as UTF-8, or give a "
+                         "parquet/csv file its own extension") from None
+    if "\x00" in text:
+        line = first_line + raw.count(b"\n", 0, raw.index(b"\x00"))
+        raise UsageError(f"{path}:{line}: binary data (a NUL byte), not text: name a text file, or give a "
+                         "parquet/csv file its own extension")
+    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
 
 
-def iter_records(data, source: str | None = None, split: str | None = None) -> Iterator[tuple[str, object]]:
-    """Every record of a source, in order, as (where, record): JSON values of .jsonl/.json files, rows of
-    .parquet/.csv files and datasets. `where` ("file:line", "file[i]", "file row i", "name row i", counted
-    from 0 except lines) names the record in messages. Plain-text files hold no records: a UsageError.
-    The source is checked now; it is read as the result is iterated.
-    """
-    source, split = source or data.dataset, split or data.split
-    parts = _parts(data, source)
-    return (item for kind, path in parts for item in _records(data, kind, path, split, source))
-
-
-def iter_documents(data, source: str | None = None, split: str | None = None) -> Iterator[str]:
-    """Every document of a source, in order, as a string. `data` is the config's `data` section.
-
-    A .txt file splits by data.txt_documents (line, paragraph, file); a record gives its data.text_field.
-    The source is checked now; it is read as the result is iterated.
-    """
-    source, split = source or data.dataset, split or data.split
-    parts = _parts(data, source)
-
-    def documents(kind, path):
-        if kind == "text":
-            yield from _text_documents(path, data.txt_documents)
-        else:
-            for where, record in _records(data, kind, path, split, source):
-                yield _text_of(where, record, data.text_field)
-
-    return (doc for kind, path in parts for doc in documents(kind, path))
-
-
-def split_documents(data, records: bool = False):
-    """(train, val, description): the one definition of the held-out set, the same for every kind of source.
-
-    - `val_dataset` set: validation is all of that source, training all of `dataset`.
-    - `val_split` set (a Hub or saved dataset with named splits): validation is that split (its first
-      `val_docs` documents when val_docs > 0), training all of `split`.
-    - otherwise validation is the LAST `val_docs` documents of `dataset` and training every document before
-      them: a .txt line, a JSON record, a parquet/csv row, a dataset row alike, wherever they come from.
-      The one exception is a streamed dataset (data.streaming: true), whose end is not known until it has
-      all been downloaded: it holds out its FIRST `val_docs` documents, and training starts after them.
-    `train_docs` caps the training documents. Both parts are lazy: nothing is read until a part is iterated
-    (a run whose tokens are cached reads no text), and neither part holds more than val_docs documents
-    in memory. records=True gives (where, record) pairs (finetune.py) instead of texts.
-    """
-    read = iter_records if records else iter_documents
-    noun = "records" if records else "documents"
-    folder = os.path.expanduser(data.dataset)
-    has_splits = (bool(data.data_files) or is_hub_name(data.dataset) or _is_dataset_repo(folder)
-                  or os.path.isfile(os.path.join(folder, "dataset_dict.json")))  # a saved DatasetDict; not a Dataset
-    if data.val_dataset and os.path.realpath(os.path.expanduser(data.val_dataset)) == os.path.realpath(folder):
-        raise UsageError(f"data.val_dataset is data.dataset ({data.dataset}): validation would be training text; "
-                         "leave data.val_dataset out to hold out data.val_docs documents, or name another source")
-    if data.val_dataset:
-        return (itertools.islice(read(data), data.train_docs), read(data, data.val_dataset),
-                f"validation = all of {data.val_dataset}")
-    if data.val_split and not has_splits:
-        raise UsageError(f"data.val_split (eval_val.py --split) names a split, but {data.dataset} has no named "
-                         f"splits (local files; only Hub datasets, builders and saved DatasetDicts have them): hold "
-                         f"out {noun} with data.val_docs, or name a file with data.val_dataset")
-    if data.val_split:
-        val = itertools.islice(read(data, split=data.val_split), data.val_docs or None)
-        first = f" (its first {data.val_docs} {noun})" if data.val_docs else ""
-        return itertools.islice(read(data), data.train_docs), val, f"validation = split {data.val_split!r}{first}"
-    if data.streaming and (data.data_files or is_hub_name(data.dataset)):
-        val = itertools.islice(read(data), data.val_docs)
-        train = itertools.islice(read(data), data.val_docs, None)
-        if data.shuffle_buffer:
-            train = _shuffled_stream(train, data.shuffle_buffer, seed=0)
-        return (itertools.islice(train, data.train_docs), val,
-                f"validation = the first {data.val_docs} {noun} of {data.dataset} split {data.split!r} (streamed: "
-                "its end is unknown); training starts after them")
-    train, val = _hold_out_last(lambda: read(data), data.val_docs, f"{data.dataset}", noun)
-    return (itertools.islice(train, data.train_docs), val,
-            f"validation = the last {data.val_docs} {noun} of {data.dataset}; training = the {noun} before them"
-            + (f" (at most {data.train_docs})" if data.train_docs else ""))
-
-
-def _hold_out_last(read, n: int, name: str, noun: str):
-    """(train, val) over the items of read(): all but the last n, and the last n, each read lazily in one pass.
-
-    Training lags n items behind the reader, so the n items still held when the source ends are the
-    validation set. The val part reuses them when the training part was read to the end; otherwise
-    (it was capped, or never read because its tokens are cached) it reads the source itself.
-    """
-    unread = [read()]  # opened now, so a missing file or an unreachable Hub fails before anything is read
-    tail = None
-
-    def check(count):
-        if count <= n:
-            raise UsageError(f"{name} has {count} {noun}, not more than data.val_docs={n}: add text or lower "
-                             "data.val_docs")
-
-    def train():
-        nonlocal tail
-        held, count = collections.deque(), 0
-        for count, item in enumerate(unread.pop() if unread else read(), 1):
-            held.append(item)
-            if len(held) > n:
-                yield held.popleft()
-        check(count)
-        tail = list(held)
-
-    def val():
-        if tail is None:
-            held, count = collections.deque(maxlen=n), 0
-            for count, item in enumerate(unread.pop() if unread else read(), 1):
-                held.append(item)
-            check(count)
-            yield from held
-        else:
-            yield from tail
-
-    return train(), val()
-
-
-def _shuffled_stream(docs: Iterator[str], buffer_size: int, seed: int) -> Iterator[str]:
-    """Approximate shuffle of a stream: keep a buffer, emit a random element, refill its slot."""
-    generator = torch.Generator().manual_seed(seed)
-    buffer = []
-    for doc in docs:
-        if len(buffer) < buffer_size:
-            buffer.append(doc)
-            continue
-        i = int(torch.randint(len(buffer), (1,), generator=generator))
-        yield buffer[i]
-        buffer[i] = doc
-    order = torch.randperm(len(buffer), generator=generator).tolist()
-    yield from (buffer[i] for i in order)
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 # ---------------------------------------------------------------------------------------------
