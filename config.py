@@ -377,18 +377,53 @@ def parse_override(text: str):
 
 
 def read_yaml(path: str) -> dict:
+    """A YAML config file as a dict, checked: UTF-8 text, valid YAML, a non-empty mapping, no key written twice
+    (PyYAML would silently keep the last of two `lr:` lines, or of two `training:` sections)."""
     if not os.path.isfile(path):
         raise UsageError(f"config file not found: {path} (pass --config with an existing YAML file)")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config is a YAML text "
+                         "file; save it as UTF-8") from None
+    if "\x00" in text:
+        raise UsageError(f"{path} holds binary data (a NUL byte), not YAML text: pass --config with a YAML file")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes with line numbers, to find duplicate keys
+        config = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"YAML syntax error in {path}{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever PyYAML says
+        raise UsageError(f"YAML syntax error in {path}{where}: {problem}") from None
+    todo, seen_nodes = [(root, "")], set()
+    while todo:  # every mapping in the file, nested ones included
+        node, prefix = todo.pop()
+        if id(node) in seen_nodes:  # an alias (*name) repeats a node: check it once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key, value in node.value:
+                is_name = isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"  # not `<<: *x`
+                name = f"{prefix}{key.value}" if is_name else None
+                if name in first_line:
+                    raise UsageError(f"duplicate key '{name}' in {path} at line {key.start_mark.line + 1} (first at "
+                                     f"line {first_line[name]}): YAML would keep only the last one; remove one")
+                if name:
+                    first_line[name] = key.start_mark.line + 1
+                todo.append((value, f"{name}." if name else prefix))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(item, prefix) for item in node.value]
+    if config is None:
+        raise UsageError(f"{path} is empty: a config needs at least one section (model:, training:, hardware:, "
+                         "data:); see config_smoke.yaml")
+    if not isinstance(config, dict):
         raise UsageError(f"{path} must contain a mapping of sections (model:, training:, ...)")
-    return raw
+    return config
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -6,9 +6,10 @@ Examples:
     python eval_val.py --ckpt checkpoints/final.ckpt --config config.yaml --device cpu
     python eval_val.py --ckpt checkpoints/final.ckpt --split test        # a Hub dataset's test split instead
 
-Only the validation documents are read and tokenized, chosen by `data.split_documents`: the same
-held-out definition training used, so the number here is the one training logged (run with
-`--max-batches training.val_batches` to score exactly the windows training scored).
+Only the validation documents are tokenized (or taken from training's token cache), chosen by
+`data.split_documents`: the same held-out definition training used, so the number here is the one
+training logged (run with `--max-batches training.val_batches` to score exactly the windows
+training scored).
 
 What is reported:
     val_loss  token-weighted mean negative log-likelihood (nats per token): sum of NLL / tokens scored
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 from checkpoint import load_model, pick_device
 from config import UsageError, apply_overrides, config_from_dict, load_config, run_cli
 from data import PackedWindows, load_tokens, split_documents, tokenizer_for_checkpoint
-from data import _is_saved_dataset, _local_files  # the same test split_documents uses for "local text"
 
 
 def text_bytes(token_ids: list[int], tokenizer) -> int:
@@ -88,18 +88,13 @@ def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | 
 def validation_windows(cfg, tokenizer, split: str | None = None):
     """(PackedWindows of the held-out text, how it was chosen). Training documents are never tokenized."""
     if split:
-        if cfg.data.val_dataset or not _is_hub_dataset(cfg.data):
-            raise UsageError(f"--split applies to Hugging Face datasets with named splits; {cfg.data.dataset} is a "
-                             "local text source: leave --split out to use its held-out documents")
-        cfg.data.val_split = split
-    _, val_docs, how = split_documents(cfg.data)  # the train part is left untokenized (and, streamed, unread)
+        if cfg.data.val_dataset:
+            raise UsageError(f"--split names a split of data.dataset, but this config validates on data.val_dataset "
+                             f"{cfg.data.val_dataset}: leave --split out, or --set data.val_dataset=null")
+        cfg.data.val_split = split  # split_documents refuses it for local files, which have no splits
+    _, val_docs, how = split_documents(cfg.data)  # the train part is never read
     tokens = load_tokens(val_docs, tokenizer, cfg.data, "val")  # training's own val tokens when data.cache_dir has them
     return PackedWindows(tokens, cfg.training.seq_len), how
-
-
-def _is_hub_dataset(data_cfg) -> bool:
-    """True for sources read through `datasets` (they have named splits); false for local .txt/.jsonl text."""
-    return bool(data_cfg.data_files) or _is_saved_dataset(data_cfg.dataset) or _local_files(data_cfg.dataset) is None
 
 
 def run_config(meta: dict, config_path: str | None, overrides: list[str]):

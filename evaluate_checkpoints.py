@@ -45,9 +45,13 @@ GREEDY_TOKENS_WITHOUT_TARGET = 8  # what a case with no target shows of the mode
 
 
 def expand(spec: str, extensions: tuple) -> list[str]:
-    """A file, a folder (its files with these extensions) or a glob -> sorted paths."""
+    """A file, a folder (its files with these extensions) or a glob -> sorted paths.
+
+    An existing file or folder is taken as it is named, never as a pattern: `runs/exp[1]` is that folder.
+    """
     if os.path.isdir(spec):
-        return sorted(p for p in glob.glob(os.path.join(spec, "*")) if p.endswith(extensions) and os.path.isfile(p))
+        found = glob.glob(os.path.join(glob.escape(spec), "*"))
+        return sorted(p for p in found if p.endswith(extensions) and os.path.isfile(p))
     if os.path.isfile(spec):
         return [spec]
     return sorted(p for p in glob.glob(spec) if os.path.isfile(p))

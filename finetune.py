@@ -75,10 +75,7 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
 
 
 def check_record(item) -> tuple[str, str, str, str]:
-    """(where, instruction, input, output) of one (where, record) pair, or a UsageError naming where."""
-    if not isinstance(item, tuple):  # a .txt file yields plain strings
-        raise UsageError("SFT data must be JSON records (.jsonl/.json or a dataset with instruction/output "
-                         "columns), not plain text: check data.dataset")
+    """(where, instruction, input, output) of one (where, record) pair from data.iter_records, or a UsageError naming where."""
     where, record = item
     if not isinstance(record, dict):
         raise UsageError(f"{where}: expected a JSON object with 'instruction' and 'output', got {record!r:.60}")
@@ -87,13 +84,14 @@ def check_record(item) -> tuple[str, str, str, str]:
             problem = "has no" if record.get(key) is None else "has a non-string"
             raise UsageError(f"{where}: record {problem} {key!r} (each record needs instruction and output, "
                              "input is optional)")
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        raise UsageError(f"{where}: record has a non-string 'input' (input is optional text: a string, or left out)")
     return where, record["instruction"], record.get("input") or "", record["output"]
 
 
 def load_records(data):
     """(train, val, how): checked records, held out by data.split_documents (the one held-out rule)."""
-    whole_records = dataclasses.replace(data, text_field=None)  # whole records with their file:line
-    train, val, how = split_documents(whole_records)
+    train, val, how = split_documents(data, records=True)  # (where, record) pairs from data.iter_records
     return [check_record(r) for r in train], [check_record(r) for r in val], how
 
 

@@ -72,7 +72,7 @@ def collect(folder: str) -> list[dict]:
     """One dict per .ckpt file below `folder` (recursively)."""
     if not os.path.isdir(folder):
         raise UsageError(f"checkpoint folder not found: {folder} (train first, or pass --dir FOLDER)")
-    paths = sorted(glob.glob(os.path.join(folder, "**", "*.ckpt"), recursive=True))
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.ckpt"), recursive=True))  # exp[1] is a name
     stats = {p: os.stat(p) for p in paths}
     by_inode = {}
     for p, st in stats.items():

@@ -12,7 +12,10 @@ embedding and output layers shrink, and each token still covers a few bytes.
 
 The folder holds tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json
 naming the EOS token, so data.load_tokenizer(DIR) and transformers.AutoTokenizer both load it;
-checkpoints record the folder's absolute path, so `--tokenizer auto` finds it again.
+checkpoints record the folder's absolute path, so `--tokenizer auto` finds it again. An existing
+folder that is not empty is refused unless --overwrite: retraining changes the ids under every model
+trained with it. Each file is written atomically (temporary file, fsync, rename), so a crash or a
+full disk never leaves a truncated tokenizer.json.
 
 Compression is reported in bytes per token on held-out text: --heldout FILE, or else the last
 --heldout-fraction of the input, which is then left out of the tokenizer's training.
@@ -22,19 +25,28 @@ import argparse
 import json
 import os
 
+from checkpoint import atomic_write
 from config import UsageError, run_cli
+from data import read_text
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
 def read_inputs(paths: list[str]) -> str:
-    texts = []
+    """The text of every file, checked first (all must exist and be UTF-8 text) so a mistake costs no training."""
     for path in paths:
         if not os.path.isfile(path):
             raise UsageError(f"input file not found: {path} (pass existing text files to --input)")
-        with open(path, encoding="utf-8") as f:
-            texts.append(f.read())
-    return "".join(texts)
+    return "".join(read_text(path) for path in paths)
+
+
+def check_out(folder: str, overwrite: bool) -> None:
+    """--out must be a new or empty folder, or --overwrite must say that replacing its tokenizer is meant."""
+    if os.path.isfile(folder):
+        raise UsageError(f"--out {folder} is a file: name a folder for tokenizer.json and tokenizer_config.json")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        raise UsageError(f"--out {folder} exists and is not empty: pick a new folder, or pass --overwrite (models "
+                         "trained with the tokenizer in it then no longer match it)")
 
 
 def train_bpe(text: str, vocab_size: int):
@@ -58,12 +70,11 @@ def bytes_per_token(tokenizer, text: str) -> float:
 
 
 def save(tokenizer, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    """tokenizer_config.json, then tokenizer.json, each through checkpoint.atomic_write (never half a file)."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
               "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    atomic_write(os.path.join(folder, "tokenizer_config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    atomic_write(os.path.join(folder, "tokenizer.json"), lambda f: f.write(tokenizer.to_str(pretty=True).encode()))
 
 
 def parse_args(argv=None):
@@ -73,6 +84,7 @@ def parse_args(argv=None):
                         help="entries in the vocabulary: 256 bytes + 2 special tokens + merges (default 1024)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json and "
                                                                      "tokenizer_config.json into")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer in an existing --out folder")
     parser.add_argument("--heldout", metavar="FILE", help="text to measure compression on (never trained on)")
     parser.add_argument("--heldout-fraction", "--heldout_fraction", type=float, default=0.05,
                         help="without --heldout: the last fraction of the input held out to measure compression "
@@ -87,6 +99,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_out(args.out, args.overwrite)
     text = read_inputs(args.input)
     if args.heldout:
         heldout, where = read_inputs([args.heldout]), args.heldout

@@ -60,7 +60,7 @@ def commands(train_txt: str, val_txt: str, folder: str, vocab_size: int, max_tim
     """The two commands a user would type: learn the tokenizer (training text only), then train."""
     tokenizer_dir = os.path.join(folder, "tokenizer")
     tokenizer = [sys.executable, os.path.join(ROOT, "train_tokenizer.py"), "--input", train_txt,
-                 "--vocab-size", str(vocab_size), "--out", tokenizer_dir]
+                 "--vocab-size", str(vocab_size), "--out", tokenizer_dir, "--overwrite"]
     sets = [f"data.dataset={train_txt}", f"data.val_dataset={val_txt}", f"data.tokenizer_name={tokenizer_dir}",
             f"data.cache_dir={os.path.join(folder, 'tokens')}", f"training.checkpoint_dir={os.path.join(folder, 'ckpt')}",
             f"training.max_time={max_time:.1f}", *overrides]

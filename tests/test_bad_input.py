@@ -23,12 +23,14 @@ import finetune
 import infer
 import list as list_script
 import train
+import train_tokenizer
 from checkpoint import pick_device, save_checkpoint
 from conftest import ROOT, run_script, write_config
 from model import ModelConfig, Transformer
 
 SCRIPTS = {"train.py": train, "finetune.py": finetune, "infer.py": infer, "eval_val.py": eval_val,
-           "evaluate_checkpoints.py": evaluate_checkpoints, "list.py": list_script, "convert.py": convert}
+           "evaluate_checkpoints.py": evaluate_checkpoints, "list.py": list_script, "convert.py": convert,
+           "train_tokenizer.py": train_tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def work(tmp_path_factory, tiny_ckpt):
     (folder / "hf_out").mkdir()
     (folder / "hf_out" / "config.json").write_text("{}")
     swa = ModelConfig(vocab_size=256, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16, swa_window=4)
-    save_checkpoint({"state_dict": {f"model.{k}": v for k, v in Transformer(swa).state_dict().items()},
+    save_checkpoint({"state_dict": Transformer(swa).state_dict(),
                      "meta": {"kind": "pretrain", "step": 1, "model_config": vars(swa), "tokenizer": "gpt2"}},
                     str(folder / "swa.ckpt"))
     from tokenizers import Tokenizer, models  # a word-level tokenizer: no GGUF "gpt2" vocabulary can hold it
@@ -75,6 +77,29 @@ def work(tmp_path_factory, tiny_ckpt):
     (folder / "words" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     save_checkpoint({"state_dict": state, "meta": {"kind": "pretrain", "step": 1, "model_config": vars(small),
                                                    "tokenizer": str(folder / "words")}}, str(folder / "words.ckpt"))
+    # Config files: not UTF-8, binary, a key or a section written twice, empty, not a mapping.
+    (folder / "latin1.yaml").write_bytes(b"training:\n  lr: 0.001  # r\xe9glage\n")
+    (folder / "binary.yaml").write_bytes(b"training:\n  lr: \x00\x01\n")
+    (folder / "dup_key.yaml").write_text("training:\n  lr: 0.001\n  seed: 1\n  lr: 0.01\n")
+    (folder / "dup_section.yaml").write_text("training:\n  lr: 0.001\ndata:\n  val_docs: 4\ntraining:\n  seed: 2\n")
+    (folder / "empty.yaml").write_text("# nothing but a comment\n")
+    (folder / "list.yaml").write_text("- training\n- data\n")
+    # Data files: not UTF-8, binary, records of the wrong type, a damaged parquet, SFT fields of the wrong type.
+    (folder / "latin1.txt").write_bytes(b"Une ligne.\nCaf\xe9 cr\xe8me.\n")
+    (folder / "nul.txt").write_bytes(b"text\x00\x00\x00binary\n")
+    (folder / "list.jsonl").write_text('{"text": "fine"}\n["a", "list"]\n')
+    (folder / "number.jsonl").write_text('3.5\n')
+    (folder / "null_text.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    (folder / "int_text.jsonl").write_text('{"text": 12}\n')
+    (folder / "fake.parquet").write_bytes(b"PAR1 definitely not a parquet file")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "README.md").write_text("a folder without data files")
+    (folder / "sft_input.jsonl").write_text('{"instruction": "Add", "input": 5, "output": "6"}\n' * 3)
+    (folder / "sft_instruction.jsonl").write_text('{"instruction": ["a"], "output": "6"}\n' * 3)
+    # A tokenizer folder whose tokenizer.json was cut short by a full disk.
+    (folder / "bad_tok").mkdir()
+    (folder / "bad_tok" / "tokenizer.json").write_text('{"version": "1.0", "truncation": null, "model": {"ty')
+    (folder / "bad_tok" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     return folder
 
 
@@ -136,6 +161,57 @@ ROWS = [
     ("convert.py", "to-gguf --ckpt {work}/words.ckpt --out {work}/model.gguf",
      r"to-gguf writes byte-level BPE tokenizers .*words is a WordLevel tokenizer with pre-tokenizer None: use to-hf, "
      r"then llama\.cpp's convert_hf_to_gguf\.py"),
+    # Config files (config.read_yaml): text, one value per key, a mapping of sections.
+    ("train.py", "--config {work}/latin1.yaml", r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9\): .*save it as UTF-8"),
+    ("train.py", "--config {work}/binary.yaml", r"binary\.yaml holds binary data \(a NUL byte\), not YAML text"),
+    ("train.py", "--config {work}/dup_key.yaml",
+     r"duplicate key 'training\.lr' in .*dup_key\.yaml at line 4 \(first at line 2\): .*remove one"),
+    ("train.py", "--config {work}/dup_section.yaml", r"duplicate key 'training' in .*dup_section\.yaml at line 5 \(first at line 1\)"),
+    ("eval_val.py", "--ckpt {work}/model.ckpt --config {work}/dup_key.yaml", r"duplicate key 'training\.lr'"),
+    ("train.py", "--config {work}/empty.yaml", r"empty\.yaml is empty: a config needs at least one section"),
+    ("train.py", "--config {work}/list.yaml", r"list\.yaml must contain a mapping of sections"),
+    # Data files and sources (data.py): one line naming the file and the line, before any training.
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/latin1.txt",
+     r"latin1\.txt:2: not UTF-8 text \(byte 0xe9\): save it as UTF-8"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/nul.txt",
+     r"nul\.txt:1: binary data \(a NUL byte\), not text"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/list.jsonl --set data.val_docs=0",
+     r"list\.jsonl:2: expected a JSON object with a 'text' field, got \[\"a\", \"list\"\]"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/number.jsonl --set data.val_docs=0",
+     r"number\.jsonl:1: expected a JSON object with a 'text' field, got 3\.5"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/null_text.jsonl --set data.val_docs=0",
+     r"null_text\.jsonl:2: field 'text' is null, not a string: fix the record, or set data\.text_field"),
+    ("eval_val.py", "--ckpt {work}/model.ckpt --set data.dataset={work}/int_text.jsonl --set data.val_docs=1",
+     r"int_text\.jsonl:1: field 'text' is 12, not a string"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/fake.parquet",
+     r"fake\.parquet: not a readable parquet file \(.*\): check the file"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/*",
+     r"data\.dataset pattern .* matches the folder .*: a pattern must match files"),
+    ("train.py", "--config {work}/config.yaml --set data.dataset={work}/nothing*.csv",
+     r"no file matches data\.dataset pattern .*nothing\*\.csv"),
+    ("train.py", "--config {work}/config.yaml --set data.val_dataset={work}/notes",
+     r"no data files \(\.txt, \.jsonl, \.json, \.parquet, \.csv\) in folder .*notes: check data\.val_dataset"),
+    ("train.py", "--config {work}/config.yaml --set data.val_dataset={work}/short.txt --set data.dataset={work}/short.txt",
+     r"data\.val_dataset is data\.dataset \(.*short\.txt\): validation would be training text"),
+    ("eval_val.py", "--ckpt {work}/model.ckpt --split test",
+     r"data\.val_split \(eval_val\.py --split\) names a split, but .* has no named splits .*: hold out documents"),
+    ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/sft_input.jsonl --set data.val_docs=1",
+     r"sft_input\.jsonl:1: record has a non-string 'input' \(input is optional text"),
+    ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/sft_instruction.jsonl --set data.val_docs=1",
+     r"sft_instruction\.jsonl:1: record has a non-string 'instruction'"),
+    ("finetune.py", "--config {work}/sft.yaml --set data.dataset={work}/short.txt",
+     r"short\.txt is plain text, not records: records come from \.jsonl/\.json/\.parquet/\.csv"),
+    # Tokenizers: a damaged tokenizer.json, a folder that is not there; train_tokenizer.py's input and output.
+    ("train.py", "--config {work}/config.yaml --set data.tokenizer_name={work}/bad_tok",
+     r"bad_tok/tokenizer\.json is damaged or not a tokenizer file \(.*\): write it again"),
+    ("train.py", "--config {work}/config.yaml --set data.tokenizer_name=./no_such_tokenizer",
+     r"tokenizer folder \./no_such_tokenizer not found: name the folder that holds tokenizer\.json"),
+    ("infer.py", "--ckpt {work}/model.ckpt --prompt Hi --tokenizer {work}/bad_tok", r"tokenizer\.json is damaged"),
+    ("train_tokenizer.py", "--input {work}/latin1.txt --out {work}/new_tok", r"latin1\.txt:2: not UTF-8 text \(byte 0xe9\)"),
+    ("train_tokenizer.py", "--input {work}/nul.txt --out {work}/new_tok", r"nul\.txt:1: binary data \(a NUL byte\)"),
+    ("train_tokenizer.py", "--input {work}/short.txt --out {work}/bad_tok",
+     r"--out .*bad_tok exists and is not empty: pick a new folder, or pass --overwrite"),
+    ("train_tokenizer.py", "--input {work}/short.txt --out {work}/model.ckpt", r"--out .*model\.ckpt is a file: name a folder"),
 ]
 
 
@@ -203,5 +279,15 @@ def test_every_message_is_documented():
                      "--top-p must be in", "is not available on this machine", "must be a non-empty list",
                      "record has no 'output'", "base checkpoint not found", "checkpoint folder not found",
                      "exists and is not empty", "exists: pick a new name", "does not exist: create it first", "is a folder: give a file name",
-                     "this model uses sliding-window attention", "to-gguf writes byte-level BPE tokenizers"]:
+                     "this model uses sliding-window attention", "to-gguf writes byte-level BPE tokenizers",
+                     "not UTF-8 text", "binary data (a NUL byte)", "duplicate key",
+                     "is empty: a config needs at least one section", "must contain a mapping of sections",
+                     "expected a JSON object with a 'text' field", "not a string: fix the record",
+                     "not a readable parquet file", "a pattern must match files", "no file matches data.dataset pattern",
+                     "no data files (.txt, .jsonl, .json, .parquet, .csv) in folder", "names a split, but",
+                     "record has a non-string 'input'", "is plain text, not records", "not valid JSON",
+                     "is damaged or not a tokenizer file", "tokenizer folder", "not found in the local cache (offline mode)",
+                     "is a file: name a folder", "token cache", "has N documents, not more than data.val_docs",
+                     "cannot read PATH", "data.val_dataset is data.dataset", "not cached: cannot write",
+                     "in the local cache but incomplete"]:
         assert fragment in text, fragment

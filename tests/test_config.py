@@ -84,3 +84,36 @@ def test_model_section_has_exactly_model_config_s_keys():
     ours = {f.name: typing.get_type_hints(Model)[f.name] for f in dataclasses.fields(Model)}
     theirs = {f.name: typing.Optional[typing.get_type_hints(ModelConfig)[f.name]] for f in dataclasses.fields(ModelConfig)}
     assert ours == theirs
+@pytest.mark.parametrize("text, message", [
+    ("training:\n  lr: 0.001\n  lr: 0.01\n", "duplicate key 'training.lr' in {path} at line 3 (first at line 2)"),
+    ("training:\n  seed: 1\ndata:\n  val_docs: 2\ntraining:\n  lr: 0.1\n", "duplicate key 'training' in {path} at line 5"),
+    ("training:\n  early_stopping:\n    patience: 2\n    patience: 3\n", "duplicate key 'training.early_stopping.patience'"),
+    ("", "{path} is empty: a config needs at least one section"),
+    ("# only a comment\n", "{path} is empty"),
+    ("- training\n", "{path} must contain a mapping of sections"),
+    ("training:\n  lr: \x01\n", "YAML syntax error in {path}: unacceptable character #x0001"),  # one line, not PyYAML's 3
+])
+def test_yaml_that_would_load_wrongly_is_refused(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys without a word; an empty file would mean "all defaults"."""
+    error = config_error(tmp_path, text=text)
+    assert message.format(path=tmp_path / "bad.yaml") in error and "\n" not in error
+
+
+def test_yaml_that_is_not_utf8_text_is_refused_in_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_bytes(b"training:\n  lr: 0.001\n# r\xe9glage fin\n")
+    with pytest.raises(UsageError, match=r"bad\.yaml:3: not UTF-8 text \(byte 0xe9\)"):
+        load_config(str(tmp_path / "bad.yaml"))
+    (tmp_path / "bad.yaml").write_bytes(b"\x80\x04\x95PK\x03\x04\x00\x00")  # a pickle or zip under a .yaml name
+    with pytest.raises(UsageError, match="not UTF-8 text|binary data"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_anchors_merge_keys_and_a_byte_order_mark_are_fine(tmp_path):
+    """Repeated values through YAML's own means are not duplicates; a UTF-8 BOM (Windows editors) is not text."""
+    path = tmp_path / "ok.yaml"
+    path.write_bytes("\ufefftraining: &t\n  lr: 0.01\n  seed: 3\nhardware:\n  num_workers: 0\n".encode())
+    assert load_config(str(path)).training.lr == 0.01
+    from config import read_yaml
+
+    path.write_text("base: &b {lr: 0.01}\nother:\n  <<: *b\n  lr: 0.02\n  again: *b\n")
+    assert read_yaml(str(path))["other"] == {"lr": 0.02, "again": {"lr": 0.01}}

@@ -288,3 +288,20 @@ def test_training_draws_the_loss_curve(tiny_run, tmp_path):
     train, val = read_losses(tiny_run / "metrics.csv")
     assert sorted(train) == [2, 4, 6] and sorted(val) == [3, 6]
     assert plot_loss_curve(tiny_run / "metrics.csv", tmp_path / "again.png") == tmp_path / "again.png"
+
+
+def test_folders_named_with_glob_characters_are_folders(tiny_run, tmp_path, capsys):
+    """runs/exp[1] is a folder name, not a pattern: list.py lists it and evaluate_checkpoints.py reads it."""
+    import importlib
+
+    listing = importlib.import_module("list")
+    folder = tmp_path / "runs" / "exp[1]"
+    folder.mkdir(parents=True)
+    for suffix in ("", ".json"):
+        os.link(tiny_run / f"final.ckpt{suffix}", folder / f"final.ckpt{suffix}")
+    (tmp_path / "runs" / "exp1").mkdir()  # what the pattern exp[1] would match instead: empty
+    code, out, _ = run_main(listing.main, ["--dir", str(folder), "--json"], capsys)
+    assert code == 0 and [r["file"] for r in json.loads(out)] == ["final.ckpt"]
+    for spec in (str(folder), str(folder / "final.ckpt")):
+        assert [c["path"] for c in evaluate_checkpoints.find_checkpoints([spec])] == [str(folder / "final.ckpt")]
+    assert evaluate_checkpoints.find_checkpoints([str(tmp_path / "runs" / "exp[[]1]" / "*.ckpt")])  # a real pattern

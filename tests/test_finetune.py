@@ -172,6 +172,10 @@ def write_records(path, lines):
 @pytest.mark.parametrize("bad_line, message", [
     ('{"instruction": "Say hi."}', r"bad\.jsonl:3: record has no 'output'"),
     ("this is not json", r"bad\.jsonl:3: not valid JSON"),
+    ('{"instruction": "Add.", "input": 3, "output": "4"}', r"bad\.jsonl:3: record has a non-string 'input'"),
+    ('{"instruction": 5, "output": "x"}', r"bad\.jsonl:3: record has a non-string 'instruction'"),
+    ('{"instruction": "Hi", "output": null}', r"bad\.jsonl:3: record has no 'output'"),
+    ('["Say hi.", "Hi."]', r"bad\.jsonl:3: expected a JSON object with 'instruction' and 'output'"),
 ])
 def test_bad_record_is_reported_with_its_line(tmp_path, tiny_ckpt, bad_line, message):
     good = json.dumps({"instruction": "Say hi.", "output": "Hi."})
@@ -200,8 +204,9 @@ def test_datasets_library_path_reads_the_same_records(tmp_path, tiny_ckpt):
     local_train, local_val, _ = finetune.load_records(local.data)
     hub_train, hub_val, how = finetune.load_records(hub.data)
     everything = [r[1:] for r in local_train + local_val]
-    assert [r[1:] for r in hub_val + hub_train] == everything  # a dataset holds out its FIRST val_docs rows
-    assert len(hub_val) == 20 and "first 20" in how and hub_val[0][0] == "json row 0"
+    assert [r[1:] for r in hub_train] == everything[:-20]  # one held-out rule: the LAST val_docs, whatever the reader
+    assert [r[1:] for r in hub_val] == [r[1:] for r in local_val] == everything[-20:]
+    assert "last 20 records" in how and hub_val[0][0] == f"json row {len(everything) - 20}"
 
 
 # ---------------------------------------------------------------------------------------------
