@@ -242,14 +242,17 @@ def pick_device(name: str = "auto", strict: bool = True):
 
 
 def load_model(path: str, device="cpu", dtype=None):
-    """Build the model a checkpoint describes and load its weights. Returns (model in eval mode, meta)."""
+    """Build the model a checkpoint describes and load its weights.
+
+    Returns (model in eval mode, the checkpoint): ckpt["meta"] describes it, and
+    data.tokenizer_for_checkpoint(ckpt) gives the tokenizer it carries.
+    """""
     import torch
 
     from model import Transformer
 
     ckpt = load_checkpoint(path)
-    meta = ckpt["meta"]
-    model_config = model_config_of(meta, path)
+    model_config = model_config_of(ckpt["meta"], path)
     model_config.gradient_checkpointing = False  # inference never needs it
     # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
     # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
@@ -257,4 +260,4 @@ def load_model(path: str, device="cpu", dtype=None):
     load_weights(model, ckpt["state_dict"], path, assign=True)  # assign: use the file's (mmap'd) tensors
     if model_config.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), meta
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), ckpt

@@ -29,7 +29,6 @@ only for to-gguf.
 import argparse
 import json
 import os
-import shutil
 
 import torch
 
@@ -170,10 +169,6 @@ def imported_chat_template(folder: str):
 # to-hf
 # ---------------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")  # a chat template is chosen by chat_template_for
-
-
 def prepare_out_dir(path: str, overwrite: bool) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--out {path} is a file: give a folder name")
@@ -183,38 +178,25 @@ def prepare_out_dir(path: str, overwrite: bool) -> None:
 
 
 def special_tokens(tokenizer) -> tuple[str | None, str]:
-    """(BOS, EOS) as text. A tokenizer folder names its own BOS (or none); for gpt2 and Hub tokenizers
-    loaded without a folder, GPT-2's convention: <|endoftext|> both ends and starts a document."""
-    eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
-    bos = tokenizer_setting(tokenizer.spec, "bos_token") if os.path.isdir(tokenizer.spec) else eos
-    return bos, eos
+    """(BOS, EOS) as text: the tokenizer's own (gpt2: <|endoftext|> both ends and starts a document)."""
+    bos = tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+    return bos, tokenizer.backend.id_to_token(tokenizer.eos_id)
 
 
 def write_tokenizer(tokenizer, out: str, max_seq_len: int, chat_template) -> dict:
     """Tokenizer files AutoTokenizer.from_pretrained(out) reads offline; returns the special token ids.
 
-    A tokenizer folder is copied as it is (its own tokenizer_config.json says how to use it).
-    Otherwise (gpt2, a Hub name) the `tokenizers` backend is saved as tokenizer.json with a small
-    tokenizer_config.json: the generic fast tokenizer class adds no special tokens, like data.py.
-    Either way tokenizer_config.json then says which inputs the model takes (transformers 4.x would
-    otherwise hand `token_type_ids` to generate, which fails), its context length, and the chat template.
+    The tokenizer the checkpoint carries (exactly the one it was trained with) is saved as tokenizer.json,
+    with a tokenizer_config.json for the generic fast tokenizer class, which adds no special tokens, like
+    data.py. It also says which inputs the model takes (transformers 4.x would otherwise hand
+    `token_type_ids` to generate, which fails), its context length, and the chat template.
     """
     bos, eos = special_tokens(tokenizer)
     config_path = os.path.join(out, "tokenizer_config.json")
-    settings = {}
-    if os.path.isdir(tokenizer.spec):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer.spec, name)):
-                shutil.copy(os.path.join(tokenizer.spec, name), os.path.join(out, name))
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                settings = json.load(f)
-    else:
-        tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
-                    "unk_token": eos, "pad_token": eos, "clean_up_tokenization_spaces": False}
-    settings.update(model_input_names=["input_ids", "attention_mask"], model_max_length=max_seq_len)
-    settings.pop("chat_template", None)
+    tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
+                "unk_token": eos, "pad_token": eos, "clean_up_tokenization_spaces": False,
+                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_seq_len}
     if chat_template:
         settings["chat_template"] = chat_template
     with open(config_path, "w", encoding="utf-8") as f:
@@ -257,7 +239,7 @@ def to_hf(args) -> int:
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
     config = exportable_config(meta, args.ckpt, "Hugging Face's Llama")
-    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
+    tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
     weights = to_hf_state_dict(ckpt["state_dict"])
@@ -373,7 +355,7 @@ def to_gguf(args) -> int:
     if config.swa_window:
         raise UsageError(f"this model uses sliding-window attention (swa_window {config.swa_window}), which llama.cpp's "
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
-    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
+    tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     tokens, token_types, merges = gguf_vocab(tokenizer)
     bos, _ = special_tokens(tokenizer)
     template = chat_template_for(meta)
@@ -566,11 +548,11 @@ def from_hf(args) -> int:
     meta = {"kind": "pretrain", "step": 0, "epoch": None, "tokens_seen": 0, "supervised_seen": 0,
             "train_loss": None, "val_loss": None, "n_params": n_params, "model_config": vars(config).copy(),
             "config": run_config(config, tokenizer.spec), "tokenizer": tokenizer.spec,
-            "imported_from": os.path.abspath(folder)}
+            "tokenizer_sha256": tokenizer.sha256, "imported_from": os.path.abspath(folder)}
     template = imported_chat_template(tokenizer.spec) if os.path.isdir(tokenizer.spec) else None
     if template:
         meta["chat_template"] = template  # exported again by to-hf / to-gguf until the model is fine-tuned here
-    save_checkpoint({"state_dict": state_dict, "meta": meta}, args.out)
+    save_checkpoint({"state_dict": state_dict, "tokenizer": tokenizer.to_dict(), "meta": meta}, args.out)
     swa = f", sliding window {config.swa_window}" if config.swa_window else ""
     print(f"wrote {args.out}: {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "
           f"{config.n_heads} heads / {config.n_kv_heads} K/V heads, context {config.max_seq_len}{swa}, "
@@ -590,7 +572,9 @@ def parse_args(argv=None):
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     out.add_argument("--ckpt", required=True, help="checkpoint written by train.py or finetune.py")
     out.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
-    out.add_argument("--tokenizer", default="auto", help="auto = the one recorded in the checkpoint; or gpt2, a folder")
+    out.add_argument("--tokenizer", default="auto", help="auto = the copy the checkpoint carries; or gpt2, a folder")
+    out.add_argument("--force-tokenizer", "--force_tokenizer", action="store_true",
+                     help="use --tokenizer even though it is not the one the checkpoint was trained with")
     out.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     gg = sub.add_parser("to-gguf", help="our .ckpt -> a GGUF file for llama.cpp and Ollama",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -598,7 +582,9 @@ def parse_args(argv=None):
     gg.add_argument("--out", required=True, help="file to write (model.gguf)")
     gg.add_argument("--dtype", default="f32", choices=GGUF_DTYPES,
                     help="weight type of the matrices (norms stay f32); q8_0: 8-bit blocks of 32, about 1/4 of f32")
-    gg.add_argument("--tokenizer", default="auto", help="auto = the one recorded in the checkpoint; or gpt2, a folder")
+    gg.add_argument("--tokenizer", default="auto", help="auto = the copy the checkpoint carries; or gpt2, a folder")
+    gg.add_argument("--force-tokenizer", "--force_tokenizer", action="store_true",
+                    help="use --tokenizer even though it is not the one the checkpoint was trained with")
     gg.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     inp = sub.add_parser("from-hf", help="a local Hugging Face Llama/Mistral folder -> our .ckpt",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -43,11 +43,28 @@ from config import UsageError
 class Tokenizer:
     """Text <-> token ids through a Hugging Face `tokenizers` backend, whatever its origin.
 
-    `spec` is what a checkpoint records so that `--tokenizer auto` can rebuild the same tokenizer.
+    `spec` names where it came from (gpt2, a folder, a Hub name); a checkpoint stores the tokenizer itself
+    (to_dict) and recognises it by content (sha256), so it needs neither the name nor the folder again.
+    bos_id: the begin-of-text token its folder names (GPT-2's convention: the EOS token), for exports.
     """
 
-    def __init__(self, backend, eos_id: int, spec: str):
-        self.backend, self.eos_id, self.spec = backend, eos_id, spec
+    def __init__(self, backend, eos_id: int, spec: str, bos_id: int | None = None):
+        self.backend, self.eos_id, self.spec, self.bos_id = backend, eos_id, spec, bos_id
+
+    @property
+    def sha256(self) -> str:
+        """A hash of the whole definition (every token, merge and rule, and the EOS): equal hashes, equal ids."""
+        return hashlib.sha256(f"{self.backend.to_str()} eos={self.eos_id}".encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        """What a checkpoint stores to rebuild this exact tokenizer anywhere, offline (see from_dict)."""
+        return {"name": self.spec, "tokenizer_json": self.backend.to_str(), "eos_id": self.eos_id, "bos_id": self.bos_id}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        return cls(Backend.from_str(saved["tokenizer_json"]), saved["eos_id"], saved["name"], saved.get("bos_id"))
 
     @property
     def vocab_size(self) -> int:
@@ -71,7 +88,8 @@ def load_tokenizer(name: str, offline: bool = False) -> Tokenizer:
     """
     if name == "gpt2":
         backend = _gpt2_backend()
-        return Tokenizer(backend, backend.token_to_id("<|endoftext|>"), "gpt2")
+        eos = backend.token_to_id("<|endoftext|>")
+        return Tokenizer(backend, eos, "gpt2", bos_id=eos)  # GPT-2: <|endoftext|> also starts a document
     if not is_hub_name(name):
         return _tokenizer_from_folder(os.path.expanduser(name), spec=os.path.abspath(os.path.expanduser(name)))
     if is_offline(offline):
@@ -124,7 +142,8 @@ def _tokenizer_from_folder(folder: str, spec: str) -> Tokenizer:
         eos = _eos_from_folder(folder, backend)
         if eos is None:
             raise UsageError(f"tokenizer folder {folder} names no EOS token: set eos_token in its tokenizer_config.json")
-        return Tokenizer(backend, eos, spec)
+        bos = tokenizer_setting(folder, "bos_token")
+        return Tokenizer(backend, eos, spec, backend.token_to_id(bos) if isinstance(bos, str) else None)
     from transformers import AutoTokenizer
 
     try:
@@ -164,18 +183,35 @@ def _eos_from_folder(folder: str, backend) -> int | None:
 def _from_transformers(hf, spec: str) -> Tokenizer:
     if not getattr(hf, "is_fast", False) or hf.eos_token_id is None:
         raise UsageError(f"tokenizer {spec!r} must be a fast tokenizer with an EOS token")
-    return Tokenizer(hf.backend_tokenizer, hf.eos_token_id, spec)
+    return Tokenizer(hf.backend_tokenizer, hf.eos_token_id, spec, hf.bos_token_id)
 
 
-def tokenizer_for_checkpoint(meta: dict, name: str = "auto", offline: bool = False) -> Tokenizer:
-    """The tokenizer recorded in a checkpoint (`auto`) or the one named, checked against the model's vocabulary."""
-    spec = meta.get("tokenizer") if name == "auto" else name
-    if not spec:
-        raise UsageError("this checkpoint records no tokenizer: pass --tokenizer NAME (e.g. gpt2)")
-    tok = load_tokenizer(spec, offline)
+def tokenizer_for_checkpoint(ckpt: dict, name: str = "auto", offline: bool = False, force: bool = False) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with: `auto` = the copy it carries (nothing else needed, offline),
+    or the one named, which must be that same tokenizer (by content) unless `force`.
+
+    A checkpoint from before tokenizers were stored names its tokenizer only; that name is loaded then.
+    """
+    meta = ckpt["meta"]
+    if name == "auto" and isinstance(ckpt.get("tokenizer"), dict):
+        try:
+            tok = Tokenizer.from_dict(ckpt["tokenizer"])
+        except Exception as e:  # a damaged entry: `tokenizers` raises a bare Exception
+            raise UsageError(f"the tokenizer stored in this checkpoint is damaged ({_first_line(e)}): pass "
+                             "--tokenizer NAME with the one it was trained with") from None
+    else:
+        spec = meta.get("tokenizer") if name == "auto" else name
+        if not spec:
+            raise UsageError("this checkpoint records no tokenizer: pass --tokenizer NAME (e.g. gpt2)")
+        tok = load_tokenizer(spec, offline)
+        trained = meta.get("tokenizer_sha256")
+        if name != "auto" and trained and tok.sha256 != trained and not force:
+            raise UsageError(f"tokenizer {name!r} is not the one this checkpoint was trained with (its tokens or rules "
+                             "differ, so the ids would mean other text): leave --tokenizer out (the checkpoint carries "
+                             "its own), or add --force-tokenizer to use it anyway")
     vocab = meta["model_config"]["vocab_size"]
     if tok.vocab_size > vocab:
-        raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but the checkpoint's model has only "
+        raise UsageError(f"tokenizer {tok.spec!r} has {tok.vocab_size} tokens but the checkpoint's model has only "
                          f"{vocab}: use --tokenizer auto (the checkpoint's own tokenizer)")
     return tok
 
@@ -648,8 +684,7 @@ def cache_key(data, part: str, tokenizer: Tokenizer) -> str:
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache_dir", "offline", "tokenizer_name")}
     for name in ("dataset", "val_dataset", "data_files"):
         settings[name] = _content_hash(settings[name]) or settings[name]
-    tokenizer_hash = hashlib.sha256(f"{tokenizer.backend.to_str()} eos={tokenizer.eos_id}".encode()).hexdigest()
-    record = json.dumps({"format": 2, "part": part, "data": settings, "tokenizer": tokenizer_hash}, sort_keys=True)
+    record = json.dumps({"format": 2, "part": part, "data": settings, "tokenizer": tokenizer.sha256}, sort_keys=True)
     return hashlib.sha256(record.encode()).hexdigest()[:24]
 
 

@@ -116,7 +116,10 @@ def parse_args(argv=None):
                                          "(default: the config stored in the checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.val_docs=100 (repeatable)")
-    parser.add_argument("--tokenizer", default="auto", help="auto (the checkpoint's own), gpt2, or a tokenizer folder")
+    parser.add_argument("--tokenizer", default="auto", help="auto (the copy the checkpoint carries), gpt2, or a "
+                                                            "tokenizer folder: it must be the same tokenizer")
+    parser.add_argument("--force-tokenizer", "--force_tokenizer", action="store_true",
+                        help="use --tokenizer even though it is not the one the checkpoint was trained with")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--max-batches", "--max_batches", type=int, default=None,
                         help="score at most this many batches (default: all validation windows)")
@@ -135,12 +138,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, meta = load_model(args.ckpt, device)
+    model, ckpt = load_model(args.ckpt, device)
+    meta = ckpt["meta"]
     cfg = run_config(meta, args.config, args.set)
     if cfg.training.seq_len > model.config.max_seq_len:
         raise UsageError(f"training.seq_len {cfg.training.seq_len} exceeds the model's max_seq_len "
                          f"{model.config.max_seq_len}: use --set training.seq_len={model.config.max_seq_len}")
-    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer, cfg.data.offline)
+    tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, cfg.data.offline, args.force_tokenizer)
     windows, how = validation_windows(cfg, tokenizer, args.split)
     batch_size = args.batch_size or cfg.training.micro_batch_size
     result = evaluate(model, windows, tokenizer, batch_size, args.max_batches, device, progress=not args.json)

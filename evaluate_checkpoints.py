@@ -197,11 +197,13 @@ def summarize(case_results: list[dict]) -> dict:
             "cases": len(scored), "target_tokens": tokens}
 
 
-def evaluate_checkpoint(entry: dict, cases: list[dict], tokenizer_name: str, top_k: int, device, tokenizers: dict) -> dict:
-    model, meta = load_model(entry["path"], device)
-    key = (meta.get("tokenizer") if tokenizer_name == "auto" else tokenizer_name, model.config.vocab_size)
-    if key not in tokenizers:  # loaded once per tokenizer, checked against each vocabulary size
-        tokenizers[key] = tokenizer_for_checkpoint(meta, tokenizer_name)
+def evaluate_checkpoint(entry: dict, cases: list[dict], tokenizer_name: str, top_k: int, device, tokenizers: dict,
+                        force_tokenizer: bool = False) -> dict:
+    model, ckpt = load_model(entry["path"], device)
+    meta = ckpt["meta"]
+    key = (meta.get("tokenizer_sha256") or meta.get("tokenizer"), tokenizer_name, model.config.vocab_size)
+    if key not in tokenizers:  # built once per tokenizer, checked against each vocabulary size
+        tokenizers[key] = tokenizer_for_checkpoint(ckpt, tokenizer_name, force=force_tokenizer)
     results = [score_case(model, tokenizers[key], case, top_k, device) for case in cases]
     return {"path": entry["path"], "aliases": entry["aliases"], "step": meta.get("step"), "kind": meta.get("kind"),
             **summarize(results), "case_results": results}
@@ -279,7 +281,10 @@ def parse_args(argv=None):
                         help="checkpoint files, globs or folders (default: 'checkpoints/*.ckpt')")
     parser.add_argument("--cases", default="cases/wiki_basics.yaml",
                         help="case file, glob, folder or comma-separated list (default: cases/wiki_basics.yaml)")
-    parser.add_argument("--tokenizer", default="auto", help="auto (each checkpoint's own), gpt2, or a tokenizer folder")
+    parser.add_argument("--tokenizer", default="auto", help="auto (the copy each checkpoint carries), gpt2, or a "
+                                                            "tokenizer folder: it must be the one they were trained with")
+    parser.add_argument("--force-tokenizer", "--force_tokenizer", action="store_true",
+                        help="use --tokenizer even though it is not the one the checkpoints were trained with")
     parser.add_argument("--config", help="take the tokenizer from this YAML config's data.tokenizer_name "
                                          "(only needed for checkpoints that record none)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -317,7 +322,8 @@ def main(argv=None):
 
     tokenizers, checkpoints = {}, []
     for entry in entries:
-        checkpoints.append(evaluate_checkpoint(entry, cases, tokenizer_name, args.top_k, device, tokenizers))
+        checkpoints.append(evaluate_checkpoint(entry, cases, tokenizer_name, args.top_k, device, tokenizers,
+                                               args.force_tokenizer))
     ranked = sorted((c for c in checkpoints if c["avg_nll"] is not None), key=lambda c: c["avg_nll"])
     for rank, c in enumerate(ranked, 1):
         c["rank"] = rank

@@ -92,8 +92,9 @@ class Loaded:
 
     def __init__(self, path: str, device):
         # The only place explore.py loads a model: with what every other script uses, in the same way.
-        self.model, self.meta = load_model(path, device)
-        self.tokenizer = tokenizer_for_checkpoint(self.meta)
+        self.model, ckpt = load_model(path, device)
+        self.meta = ckpt["meta"]
+        self.tokenizer = tokenizer_for_checkpoint(ckpt)
         self.device = device
 
 

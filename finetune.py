@@ -20,11 +20,10 @@ Running the same command again resumes, exactly as train.py does.
 """
 
 import argparse
-import dataclasses
 import os
 
 import training
-from checkpoint import check_weights, load_checkpoint, load_weights, read_meta
+from checkpoint import check_weights, load_checkpoint, load_weights
 from config import UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
 from data import ShuffledPasses, format_instruction, split_documents, tokenizer_for_checkpoint
 from model import ModelConfig, Transformer
@@ -47,12 +46,13 @@ def load_finetune_config(path: str, overrides: list[str] | None = None):
 
 
 def read_base(cfg) -> tuple[dict, ModelConfig]:
-    """The base checkpoint's meta (read from its header, no weights) and the ModelConfig SFT will use."""
+    """The base checkpoint (memory-mapped: its weights are read when used) and the ModelConfig SFT will use."""
     path = cfg.finetune.base_checkpoint
     if not os.path.isfile(path):
         raise UsageError(f"base checkpoint not found: {path}; make it with `python train.py --config "
                          "config_smoke.yaml` (or the config it came from), or set finetune.base_checkpoint")
-    meta = read_meta(path)
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
     base, given = dict(meta["model_config"]), cfg.model.given()
     for key, value in given.items():  # the base fixes the architecture; the config may only repeat it
         if key not in ADJUSTABLE and base.get(key) != value:
@@ -66,7 +66,7 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
     if same:
         raise UsageError(f"training.checkpoint_dir {cfg.training.checkpoint_dir} holds the base checkpoint: SFT "
                          f"checkpoints need their own folder (e.g. {SFT_CHECKPOINT_DIR})")
-    return meta, model_cfg
+    return ckpt, model_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +243,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    # 1. Arguments, config, the base checkpoint (read from its header: no weights yet) and its tokenizer.
+    # 1. Arguments, config, the base checkpoint and the tokenizer it carries.
     args = parse_args(argv)
     cfg = load_finetune_config(args.config, args.set)
     t = cfg.training
-    base_meta, model_cfg = read_base(cfg)
-    tokenizer = tokenizer_for_checkpoint(base_meta, "auto", cfg.data.offline)  # the base's own tokenizer
+    base, model_cfg = read_base(cfg)
+    base_meta = base["meta"]
+    tokenizer = tokenizer_for_checkpoint(base, "auto", cfg.data.offline)  # the base's own tokenizer
 
     # 2. Records -> examples (prompt labels -100), checked before anything heavy.
     train_records, val_records, how = load_records(cfg.data)
@@ -262,8 +263,9 @@ def main(argv=None) -> int:
         raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
                          "tokens: raise training.seq_len, add records, or adjust data.val_docs")
     resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
-        t.checkpoint_dir, model_cfg, tokenizer.spec, "sft")
+        t.checkpoint_dir, model_cfg, tokenizer, "sft")
     if args.dry_run:
+        check_weights(base["state_dict"], model_cfg, cfg.finetune.base_checkpoint)
         print("\n".join(plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats,
                                    training.start_fabric(cfg, launch=False)[0].world_size)))
         print("dry run: config, data and base checkpoint are valid; no model was built")
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     with fabric.init_module():
         model = Transformer(model_cfg)
     if not resume:
-        load_weights(model, load_checkpoint(cfg.finetune.base_checkpoint)["state_dict"], cfg.finetune.base_checkpoint)
+        load_weights(model, base["state_dict"], cfg.finetune.base_checkpoint)
     if t.compile:
         model.compile()
     optimizers, peak_lrs = training.make_optimizers(model, t)
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
         f"resuming from {resume[0]} at step {state.step}" if resume
         else f"starting from the base weights of {cfg.finetune.base_checkpoint}"]
     final = os.path.join(t.checkpoint_dir, "final.ckpt")
-    run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer.spec,
+    run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
                        tokens_per_epoch=padded_tokens_per_epoch(train, t.micro_batch_size, t.seed), plan=plan,
                        precision=precision, precision_why=why,
                        next_command=f"python infer.py --ckpt {final} --prompt \"What is a token?\"")

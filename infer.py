@@ -214,7 +214,10 @@ def parse_args(argv=None):
         formatter_class=Formatter)
     p.add_argument("--ckpt", default="checkpoints/final.ckpt", help="checkpoint file (.ckpt)")
     p.add_argument("--tokenizer", default="auto",
-                   help="auto = the one recorded in the checkpoint; or gpt2, a local folder, a Hub name")
+                   help="auto = the copy the checkpoint carries; or gpt2, a local folder, a Hub name (it must be the "
+                        "tokenizer the checkpoint was trained with)")
+    p.add_argument("--force-tokenizer", "--force_tokenizer", action="store_true",
+                   help="use --tokenizer even though it is not the one the checkpoint was trained with")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--prompt", default=None,
@@ -421,8 +424,9 @@ def main(argv=None) -> int:
         print(describe(read_meta(args.ckpt)))
         return 0
     device = pick_device(args.device, strict=True)
-    model, meta = load_model(args.ckpt, device, pick_dtype(args.dtype, device))
-    tokenizer = tokenizer_for_checkpoint(meta, args.tokenizer)
+    model, ckpt = load_model(args.ckpt, device, pick_dtype(args.dtype, device))
+    meta = ckpt["meta"]
+    tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     if args.print_ckpt_info:
         print(describe(meta))
     instruct = args.instruct if args.instruct is not None else meta.get("kind") == "sft"

@@ -29,24 +29,13 @@ import json
 import os
 import time
 
+from checkpoint import read_meta  # imports torch only for a checkpoint without a sidecar of its own
 from config import UsageError, run_cli
 
-META_SUFFIX = ".json"  # checkpoint.META_SUFFIX, repeated here so that listing never imports torch
 TAG_NAMES = ("best", "last", "final")
 COLUMNS = [("file", "file"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"), ("tokens_seen", "tokens"),
            ("train_loss", "train"), ("val_loss", "val"), ("n_params", "params"), ("size", "size"),
            ("mtime", "modified"), ("tags", "tags")]
-
-
-def read_sidecar_meta(path: str) -> dict:
-    """meta from NAME.ckpt.json when it is at least as new as the checkpoint; else from the file (imports torch)."""
-    sidecar = path + META_SUFFIX
-    if os.path.isfile(sidecar) and os.path.getmtime(sidecar) >= os.path.getmtime(path):
-        with open(sidecar, encoding="utf-8") as f:
-            return json.load(f)
-    from checkpoint import read_meta  # torch only for the rare checkpoint without a sidecar
-
-    return read_meta(path)
 
 
 def logged_losses(folder: str, cache: dict) -> tuple[dict, dict] | None:
@@ -83,7 +72,7 @@ def collect(folder: str) -> list[dict]:
         row = {"file": os.path.relpath(path, folder), "path": path, "size": st.st_size, "mtime": st.st_mtime,
                "tags": tags_of(path, st, by_inode)}
         try:
-            meta = read_sidecar_meta(path)
+            meta = read_meta(path)
         except (UsageError, OSError, ValueError) as e:
             row.update({"kind": "unreadable", "error": str(e)})
             rows.append(row)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         raise UsageError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens: remove model.vocab_size to size it automatically")
     resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
-        t.checkpoint_dir, model_cfg, tokenizer.spec, "pretrain")
+        t.checkpoint_dir, model_cfg, tokenizer, "pretrain")
     if training.already_done(resume, t):
         return 0
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             f"{t.max_steps * tokens_per_step / max(len(train_tokens), 1):.2f} epochs",
             f"resuming from {resume[0]} at step {state.step}" if resume else "starting from scratch"]
     final = os.path.join(t.checkpoint_dir, "final.ckpt")
-    run = training.Run(kind="pretrain", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer.spec,
+    run = training.Run(kind="pretrain", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
                        tokens_per_epoch=len(train_windows) * t.seq_len, plan=plan, precision=precision,
                        precision_why=why, next_command=f"python infer.py --ckpt {final} --prompt \"Attention is\"")
     return training.fit(fabric, run, model, optimizers, peak_lrs, train_windows, val_windows, state)

@@ -164,7 +164,7 @@ class Run:
     kind: str  # pretrain | sft
     cfg: object  # config.Config
     model_config: object  # model.ModelConfig
-    tokenizer: str  # the tokenizer's spec (data.Tokenizer.spec)
+    tokenizer: object  # the data.Tokenizer: every checkpoint carries it
     tokens_per_epoch: int  # training tokens in one pass over the data (padding included in SFT)
     plan: list  # start-up lines that describe the data, the batches and the starting point
     next_command: str  # suggested when the run is done
@@ -292,11 +292,11 @@ def periodic_checkpoints(folder: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("step=", 1)[1].split(".")[0]))
 
 
-def find_resume_checkpoint(folder: str, model_config, tokenizer_spec: str, kind: str):
+def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
     """(path, meta) of the newest checkpoint in `folder` (not its subfolders) to resume from, or None.
 
-    A checkpoint of another architecture, tokenizer or kind stops the run with a message instead of
-    being silently ignored.
+    A checkpoint of another architecture, tokenizer (by content: a tokenizer retrained under the same
+    name is another tokenizer) or kind stops the run with a message instead of being silently ignored.
     """
     candidates = []
     for path in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")):
@@ -311,9 +311,13 @@ def find_resume_checkpoint(folder: str, model_config, tokenizer_spec: str, kind:
         if key not in ignore and theirs.get(key) != ours[key]:
             raise UsageError(f"cannot resume from {path}: its model.{key} is {theirs.get(key)}, the config says "
                              f"{ours[key]}; pass --no_resume to start over or set training.checkpoint_dir elsewhere")
-    if meta.get("tokenizer") != tokenizer_spec or meta.get("kind") != kind:
-        raise UsageError(f"cannot resume from {path}: it is a {meta.get('kind')} checkpoint with tokenizer "
-                         f"{meta.get('tokenizer')!r}; pass --no_resume or set training.checkpoint_dir elsewhere")
+    if meta.get("kind") != kind:
+        raise UsageError(f"cannot resume from {path}: it is a {meta.get('kind')} checkpoint, this is a {kind} run; "
+                         "pass --no_resume or set training.checkpoint_dir elsewhere")
+    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+        raise UsageError(f"cannot resume from {path}: it was trained with another tokenizer than {tokenizer.spec!r} "
+                         "(different tokens or rules, even if the name is the same); pass --no_resume or set "
+                         "training.checkpoint_dir elsewhere")
     if "train_state" not in meta:
         raise UsageError(f"cannot resume from {path}: it holds no training state (an imported model, or a file "
                          "from an older version); pass --no_resume or set training.checkpoint_dir elsewhere")
@@ -358,7 +362,8 @@ def save(fabric, run: Run, name: str, model, optimizers: dict, state: TrainState
     folder = run.cfg.training.checkpoint_dir
     path = os.path.join(folder, name)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    fabric.save(path, {"state_dict": model, **optimizers, "rng": rng, "meta": checkpoint_meta(run, model, state)})
+    fabric.save(path, {"state_dict": model, **optimizers, "rng": rng, "tokenizer": run.tokenizer.to_dict(),
+                       "meta": checkpoint_meta(run, model, state)})
     if fabric.is_global_zero and name != "last.ckpt":
         link_checkpoint(path, os.path.join(folder, "last.ckpt"))
     return path
@@ -378,7 +383,8 @@ def checkpoint_meta(run: Run, model, state: TrainState) -> dict:
         "n_params": (model.module if hasattr(model, "module") else model).num_parameters(),
         "model_config": vars(run.model_config).copy(),
         "config": run.cfg.to_dict(),
-        "tokenizer": run.tokenizer,
+        "tokenizer": run.tokenizer.spec,  # where it came from; the checkpoint carries the tokenizer itself
+        "tokenizer_sha256": run.tokenizer.sha256,  # what it is: resume, infer and eval compare content, not names
         "train_time": round(state.train_time, 3),
         "matmul_peak_flops": run.peak_flops,
         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -155,8 +155,9 @@ def evaluate_run(folder: str, val_txt: str) -> str:
     from checkpoint import load_model
     from data import tokenizer_for_checkpoint
 
-    model, meta = load_model(os.path.join(folder, "ckpt", "final.ckpt"), "cpu")
-    tokenizer = tokenizer_for_checkpoint(meta)
+    model, ckpt = load_model(os.path.join(folder, "ckpt", "final.ckpt"), "cpu")
+    meta = ckpt["meta"]
+    tokenizer = tokenizer_for_checkpoint(ckpt)
     with open(val_txt, encoding="utf-8") as f:
         text = f.read()
     seq_len = meta["config"]["training"]["seq_len"]

@@ -92,7 +92,8 @@ def test_trained_checkpoint_exports_and_generates_like_infer(tiny_ckpt, tmp_path
     out = tmp_path / "hf"
     assert convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(out)]) == 0
     hf, hf_tok = hf_load(out)
-    ours, meta = load_model(str(tiny_ckpt))
+    ours, ckpt = load_model(str(tiny_ckpt))
+    meta = ckpt["meta"]
     tok = load_tokenizer("gpt2")
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
     assert hf.config.vocab_size == meta["model_config"]["vocab_size"]  # padded rows kept, like ours
@@ -346,7 +347,8 @@ def test_import_llama_logits_match(tmp_path, tie, safe):
     tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
     hf = hf_folder(tmp_path / "hf", tok_dir, safe=safe, tie_word_embeddings=tie)
     assert convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")]) == 0
-    ours, meta = load_model(str(tmp_path / "m.ckpt"))
+    ours, ckpt = load_model(str(tmp_path / "m.ckpt"))
+    meta = ckpt["meta"]
     assert meta["model_config"]["rope_theta"] == 300.0 and meta["model_config"]["tie_embeddings"] == tie
     idx = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
@@ -358,8 +360,8 @@ def test_import_mistral_sliding_window(tmp_path):
     hf = hf_folder(tmp_path / "hf", tok_dir, transformers.MistralForCausalLM, sliding_window=5)
     hf.config._attn_implementation = "eager"
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")])
-    ours, meta = load_model(str(tmp_path / "m.ckpt"))
-    assert meta["model_config"]["swa_window"] == 5
+    ours, ckpt = load_model(str(tmp_path / "m.ckpt"))
+    assert ckpt["meta"]["model_config"]["swa_window"] == 5
     idx = torch.randint(0, 128, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits)

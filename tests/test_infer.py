@@ -45,7 +45,7 @@ def sft_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    model, meta = load_model(str(ckpt))
+    model, _ = load_model(str(ckpt))
     return model, load_tokenizer("gpt2")
 
 

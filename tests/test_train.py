@@ -15,6 +15,7 @@ import train
 import training
 from checkpoint import load_checkpoint, read_meta
 from config import Training, UsageError
+from data import load_tokenizer
 from conftest import ROOT, run_script, write_config
 
 
@@ -68,7 +69,9 @@ def test_checkpoint_cadence_and_contents(tiny_run):
     assert meta["config"]["training"]["max_steps"] == 6 and meta["model_config"]["d_model"] == 32
     assert math.isfinite(meta["train_loss"]) and math.isfinite(meta["val_loss"])
     assert meta["train_state"]["step"] == 6 and meta["train_state"]["best_val_loss"] <= meta["val_loss"]
-    assert set(final) == {"state_dict", "adamw", "rng", "meta"}  # weights, optimizer, random state: enough to resume
+    # weights, optimizer and random state (enough to resume), and the tokenizer itself (enough to use it anywhere)
+    assert set(final) == {"state_dict", "adamw", "rng", "tokenizer", "meta"}
+    assert meta["tokenizer_sha256"] == load_tokenizer("gpt2").sha256
     assert read_meta(str(tiny_run / "final.ckpt")) == json.loads(json.dumps(meta))  # the sidecar agrees
     with open(tiny_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -258,3 +261,36 @@ def test_fsdp_on_a_cpu_is_refused_in_one_line(tmp_path):
     config = write_config(tmp_path, {"hardware": {"strategy": "fsdp"}})
     with pytest.raises(UsageError, match="hardware.strategy fsdp needs CUDA GPUs .*use hardware.strategy ddp"):
         train.main(["--config", str(config)])
+
+
+def test_a_checkpoint_carries_its_tokenizer_and_recognises_it_by_content(tmp_path):
+    """Trained with a train_tokenizer.py folder: the checkpoint works after the folder is gone; a tokenizer
+    retrained into the same folder is a different tokenizer (resume and --tokenizer refuse it)."""
+    import train_tokenizer
+
+    corpus = ROOT / "data" / "tiny_corpus.txt"
+    tok_dir = tmp_path / "tok"
+    assert train_tokenizer.main(["--input", str(corpus), "--vocab-size", "300", "--out", str(tok_dir)]) == 0
+    config = write_config(tmp_path, {"training": {"max_steps": 2}, "data": {"tokenizer_name": str(tok_dir)}})
+    assert train.main(["--config", str(config)]) == 0
+    ckpt = tmp_path / "checkpoints" / "final.ckpt"
+
+    # The same words in a differently ordered corpus give other merges: same name, same size, other ids.
+    lines = corpus.read_text().splitlines()
+    (tmp_path / "shuffled.txt").write_text("\n".join(reversed(lines)))
+    assert train_tokenizer.main(["--input", str(tmp_path / "shuffled.txt"), "--vocab-size", "300", "--out",
+                                 str(tok_dir), "--overwrite"]) == 0
+    assert load_tokenizer(str(tok_dir)).sha256 != read_meta(str(ckpt))["tokenizer_sha256"]
+    with pytest.raises(UsageError, match="trained with another tokenizer .* even if the name is the same"):
+        train.main(["--config", str(config), "--set", "training.max_steps=4"])
+    refused = run_script("infer.py", "--ckpt", ckpt, "--tokenizer", tok_dir, "--prompt", "The", check=False)
+    assert refused.returncode == 2 and "is not the one this checkpoint was trained with" in refused.stderr
+
+    shutil.rmtree(tok_dir)  # the folder is gone: the checkpoint still has everything it needs
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    sample = run_script("infer.py", "--ckpt", moved, "--prompt", "The", "--max-new-tokens", "5", "--seed", "0")
+    assert sample.stdout.startswith("The")
+    evaluated = run_script("eval_val.py", "--ckpt", moved, "--json")
+    assert json.loads(evaluated.stdout)["tokenizer"] == str(tok_dir.resolve())
