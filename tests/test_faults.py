@@ -20,6 +20,7 @@ import train
 import training
 from checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, write_config
+from data import load_tokenizer
 
 
 def start_training(config, *extra) -> subprocess.Popen:
@@ -132,7 +133,7 @@ def model_and_tokenizer(config):
     from config import load_config, model_config
 
     cfg = load_config(str(config))
-    return model_config(cfg, 50304), "gpt2", "pretrain"
+    return model_config(cfg, 50304), load_tokenizer("gpt2"), "pretrain"
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
