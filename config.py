@@ -79,6 +79,16 @@ def run_cli(main):
         sys.exit(EXIT_SYSTEM)
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """An output file a script will write at the end: its folder must exist now, and it must not be a folder,
+    so that a mistake costs nothing (checked before any work starts)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist: create it first")
+
+
 def reject_non_finite(args) -> None:
     """Refuse nan/inf in any float command-line flag (argparse's float() accepts them): one line, exit 2."""
     for name, value in vars(args).items():
@@ -113,9 +123,10 @@ class Training:
     optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (optimizer: muon)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update: fewer are cheaper, rougher
-    lr_schedule: str = "warmup_cosine"  # warmup_cosine | plateau (warm-up, then constant, cut on plateaus)
+    lr_schedule: str = "warmup_cosine"  # warmup_cosine | wsd (warm-up, stable, decay) | plateau (cut on plateaus)
     warmup_ratio: float = 0.05  # fraction of max_steps spent warming the LR up linearly from 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (warmup_cosine, wsd)
+    cooldown_ratio: float = 0.2  # wsd: the final share of the run in which the LR falls linearly to its floor
     weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms)
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW epsilon
@@ -252,6 +263,8 @@ def _check_type(key: str, value: Any, hint) -> Any:
         return str(value)  # `precision: 32` or `--set training.precision=32` means the string "32"
     if hint is bool and not isinstance(value, bool) or hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"{key} must be {hint.__name__}, got {value!r}")
+    if hint is int and not -2**63 <= value < 2**63:
+        raise UsageError(f"{key} is {value}: far beyond anything this project can run (and beyond a 64-bit integer)")
     if not isinstance(value, hint):
         raise UsageError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
@@ -309,8 +322,10 @@ def validate(cfg: Config) -> None:
     if not t.muon_lr > 0 or not 1 <= t.muon_ns_steps <= 20:
         raise UsageError(f"training.muon_lr must be positive and training.muon_ns_steps in 1..20, got {t.muon_lr} "
                          f"and {t.muon_ns_steps}")
-    if t.lr_schedule not in ("warmup_cosine", "plateau"):
-        raise UsageError(f"training.lr_schedule must be warmup_cosine or plateau, got {t.lr_schedule!r}")
+    if t.lr_schedule not in ("warmup_cosine", "wsd", "plateau"):
+        raise UsageError(f"training.lr_schedule must be warmup_cosine, wsd or plateau, got {t.lr_schedule!r}")
+    if not 0 < t.cooldown_ratio <= 1:
+        raise UsageError(f"training.cooldown_ratio must be in (0, 1], got {t.cooldown_ratio}")
     if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise UsageError("training.warmup_ratio must be in [0, 1) and training.min_lr_ratio in [0, 1]")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
@@ -321,6 +336,12 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"training.max_time must be a positive number of seconds (or null), got {t.max_time}")
     if t.keep_last < 0 or t.grad_clip < 0:
         raise UsageError("training.keep_last and training.grad_clip must be >= 0")
+    if not 0 <= t.seed < 2**32:
+        raise UsageError(f"training.seed must be in [0, 2**32), got {t.seed}")
+    if not t.checkpoint_dir.strip():
+        raise UsageError("training.checkpoint_dir is empty: name a folder for the checkpoints (e.g. checkpoints)")
+    if os.path.isfile(t.checkpoint_dir):
+        raise UsageError(f"training.checkpoint_dir {t.checkpoint_dir} is a file, not a folder: pick a folder name")
     for name in t.loggers:
         if not isinstance(name, str) or name not in LOGGER_PACKAGES:
             raise UsageError(f"training.loggers: unknown logger {name!r} (choose from {', '.join(LOGGER_PACKAGES)})")

@@ -33,8 +33,8 @@ import os
 import torch
 
 from checkpoint import atomic_write, check_weights, load_checkpoint, model_config_of, save_checkpoint
-from config import UsageError, config_from_dict, run_cli
-from data import format_instruction, load_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
+from config import UsageError, check_output_file, config_from_dict, run_cli
+from data import format_instruction, load_tokenizer, read_text, tokenizer_for_checkpoint, tokenizer_setting
 from model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def to_hf(args) -> int:
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
     config = exportable_config(meta, args.ckpt, "Hugging Face's Llama")
+    check_weights(ckpt["state_dict"], config, args.ckpt)
     tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
@@ -342,16 +343,13 @@ def to_gguf(args) -> int:
         import gguf
     except ImportError:
         raise UsageError("to-gguf needs the gguf package: pip install -r requirements.txt") from None
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a folder: give a file name such as model.gguf")
+    check_output_file(args.out, "--out")
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out} exists: pick a new name or pass --overwrite")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {args.out}: folder {folder} does not exist: create it first")
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
     config = exportable_config(meta, args.ckpt, "llama.cpp's Llama architecture")
+    check_weights(ckpt["state_dict"], config, args.ckpt)
     if config.swa_window:
         raise UsageError(f"this model uses sliding-window attention (swa_window {config.swa_window}), which llama.cpp's "
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
@@ -429,12 +427,22 @@ def to_gguf(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON object from a model folder; anything else (not JSON, not an object, not UTF-8) is one line."""
+    try:
+        value = json.loads(read_text(path))
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): download the model's {what} again") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not {type(value).__name__}: download the model's {what} again")
+    return value
+
+
 def read_hf_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UsageError(f"{folder} has no config.json: pass a local Hugging Face model folder (--model DIR)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, "config.json")
 
 
 def model_config_from_hf(hf: dict, max_seq_len: int | None) -> ModelConfig:
@@ -455,6 +463,10 @@ def model_config_from_hf(hf: dict, max_seq_len: int | None) -> ModelConfig:
         unsupported.append(f"rope scaling {hf.get('rope_scaling') or rope} (only plain RoPE)")
     if hf.get("quantization_config"):
         unsupported.append("quantization_config (import an unquantized model)")
+    for key in ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] <= 0:
+            raise UsageError(f"config.json: {key} must be a positive integer, got {hf.get(key)!r}: this is not a "
+                             "complete Llama/Mistral config")
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads) or hf["hidden_size"] % heads:
         unsupported.append(f"head_dim={hf.get('head_dim')} != hidden_size / num_attention_heads")
@@ -470,7 +482,7 @@ def model_config_from_hf(hf: dict, max_seq_len: int | None) -> ModelConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             swa_window=(hf.get("sliding_window") or 0) if kind == "mistral" else 0,
         )
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise UsageError(f"config.json does not describe a model we can build: {e}") from None
 
 
@@ -479,8 +491,10 @@ def weight_files(folder: str) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         path = os.path.join(folder, index)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+            weight_map = read_json(path, index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UsageError(f"{path} has no weight_map (parameter name -> file): download the index again")
+            return sorted({os.path.join(folder, name) for name in weight_map.values()})
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(folder, name)):
             return [os.path.join(folder, name)]
@@ -489,17 +503,37 @@ def weight_files(folder: str) -> list[str]:
 
 def read_hf_weights(folder: str) -> dict:
     """Every tensor of a local model folder; .bin files are read with weights_only (loading never runs code)."""
+    import pickle
+
     from safetensors.torch import load_file
 
     weights = {}
     for path in weight_files(folder):
         if not os.path.isfile(path):
             raise UsageError(f"{path} is missing: the download is incomplete")
-        if path.endswith(".safetensors"):
-            weights.update(load_file(path))
-        else:
-            weights.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            if path.endswith(".safetensors"):
+                weights.update(load_file(path))
+            else:
+                weights.update(read_bin(path))
+        except pickle.UnpicklingError:
+            raise UsageError(f"{path} holds Python objects beyond tensors; refusing to load it because unpickling "
+                             "could run code: use the model's .safetensors files instead") from None
+        except Exception as e:  # safetensors raises its own SafetensorError; torch RuntimeError, EOFError, ...
+            raise UsageError(f"{path} is not a readable weights file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:100]}): the download is incomplete or damaged") from None
     return weights
+
+
+def read_bin(path: str) -> dict:
+    """A pytorch_model.bin, tensors only (weights_only: loading never runs code). Files in torch's legacy
+    (pre-zip) format cannot be memory-mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "zip" not in str(e) and "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def from_hf_state_dict(hf_weights: dict, config: ModelConfig) -> dict:
@@ -508,15 +542,15 @@ def from_hf_state_dict(hf_weights: dict, config: ModelConfig) -> dict:
     for hf_name, tensor in hf_weights.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # older transformers saved RoPE's frequencies; we compute them
-        name = from_hf_name(hf_name)
-        if name is None:
-            unknown.append(hf_name)
+        name = from_hf_name(str(hf_name))
+        if name is None or not isinstance(tensor, torch.Tensor):
+            unknown.append(str(hf_name))
         else:
             ours[name] = tensor.to(torch.float32)
     if unknown:
         raise UsageError(f"unsupported weights in the model files: {', '.join(unknown[:3])}"
                          + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
-    if config.tie_embeddings:
+    if config.tie_embeddings and "embed.weight" in ours:
         ours["lm_head.weight"] = ours["embed.weight"]  # one matrix, as in our model's state dict
     return ours
 

@@ -32,7 +32,7 @@ import os
 import torch
 
 from checkpoint import load_model, pick_device
-from config import UsageError, load_config, run_cli
+from config import UsageError, check_output_file, load_config, run_cli
 from data import tokenizer_for_checkpoint
 from model import KVCache
 
@@ -301,6 +301,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.json:
+        check_output_file(args.json, "--json")
     cases, duplicates = load_cases(args.cases)  # bad case files fail before any model loads
     tokenizer_name = args.tokenizer
     if args.config and tokenizer_name == "auto":

@@ -274,6 +274,8 @@ def check_args(args) -> None:
         raise UsageError(f"--repetition-penalty must be positive (1 = off), got {args.repetition_penalty}")
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.prompt is None and not (args.interactive or args.info_only):
         raise UsageError("pass --prompt TEXT (or --interactive for a REPL, --info-only for metadata)")
 

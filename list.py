@@ -30,7 +30,7 @@ import os
 import time
 
 from checkpoint import read_meta  # imports torch only for a checkpoint without a sidecar of its own
-from config import UsageError, run_cli
+from config import UsageError, check_output_file, run_cli
 
 TAG_NAMES = ("best", "last", "final")
 COLUMNS = [("file", "file"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"), ("tokens_seen", "tokens"),
@@ -150,6 +150,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     rows = sort_rows(collect(args.dir), args.sort)[:args.limit]
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -4,11 +4,11 @@ Read `fit` first: one optimizer step per turn of its loop, written out in the or
 (learning rate, micro-batches, backward, clipping, optimizer step, logging, validation, checkpoints,
 stopping). Everything else here is what that loop calls:
 
-    fabric = start_fabric(cfg)                          # devices, precision, DDP/FSDP: Lightning's job
+    fabric, precision, why = start_fabric(cfg)          # devices, precision, DDP/FSDP: Lightning's job
     optimizers, peak_lrs = make_optimizers(model, cfg.training)
     model, optimizers = setup(fabric, model, optimizers)
-    state = resume(fabric, path, model, optimizers) if path else TrainState()
-    fit(fabric, cfg, run, model, optimizers, peak_lrs, train_samples, val_samples, state)
+    state = resume(fabric, path, model, optimizers, cfg.training) if path else TrainState()
+    fit(fabric, run, model, optimizers, peak_lrs, train_samples, val_samples, state)
 
 Lightning does what is hard to get right and easy to get wrong on many devices: launching one process
 per device, autocast, syncing gradients, sharding, gathering a checkpoint. The loop itself, and all the
@@ -37,7 +37,7 @@ from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, pick_devic
 from config import UsageError
 from data import ShuffledPasses, StridedSampler
 
-EXIT_DIVERGED = 1  # the loss or the gradients became inf/nan (the last good checkpoint is kept)
+EXIT_DIVERGED = 1  # the loss or the weights became inf/nan (the last good checkpoint is kept)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's codes for these signals
 
 # ---------------------------------------------------------------------------------------------
@@ -48,27 +48,32 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's code
 def lr_multiplier(step: int, t, elapsed: float = 0.0, plateau_scale: float = 1.0) -> float:
     """The learning rate of optimizer step `step` as a fraction of the peak (training.lr).
 
-    warmup_cosine: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps, then a half cosine down to
-    min_lr_ratio at max_steps. plateau: flat after warm-up, multiplied by `plateau_scale`, which
-    validation cuts when the loss stalls (never below reduce_on_plateau.min_lr).
-
+    First a linear warm-up: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps. Then, by lr_schedule:
+      warmup_cosine  a half cosine down to min_lr_ratio at max_steps;
+      wsd            warm-up, stable, decay: flat at the peak, then a straight line down to min_lr_ratio
+                     over the last cooldown_ratio of the run;
+      plateau        flat, multiplied by `plateau_scale`, which validation cuts when the loss stalls
+                     (never below reduce_on_plateau.min_lr).
     With training.max_time the same shape is laid over the share of the budget used after `elapsed`
-    seconds, p = max((step + 1) / max_steps, elapsed / max_time): warm-up while p < warmup_ratio, then
-    the cosine reaches its floor exactly when time (or steps) run out, however fast the machine is.
+    seconds, p = max((step + 1) / max_steps, elapsed / max_time): warm-up while p < warmup_ratio, and the
+    schedule reaches its floor exactly when time (or steps) run out, however fast the machine is.
     """
     if t.max_time:
         used = max((step + 1) / t.max_steps, elapsed / t.max_time)
-        warming, progress = used < t.warmup_ratio, (used - t.warmup_ratio) / (1 - t.warmup_ratio)
-        warm_fraction = used / t.warmup_ratio if warming else 1.0
+        if used < t.warmup_ratio:
+            return used / t.warmup_ratio
+        progress = (used - t.warmup_ratio) / (1 - t.warmup_ratio)
     else:
         warmup = int(t.warmup_ratio * t.max_steps)
-        warming, progress = step < warmup, (step - warmup) / max(1, t.max_steps - warmup)
-        warm_fraction = (step + 1) / warmup if warming else 1.0
-    if warming:
-        return warm_fraction
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, t.max_steps - warmup)
+    progress = min(1.0, progress)  # share of the run after warm-up
     if t.lr_schedule == "plateau":
         return max(plateau_scale, t.reduce_on_plateau.min_lr / t.lr)
-    progress = min(1.0, progress)
+    if t.lr_schedule == "wsd":
+        cooling = max(0.0, progress - (1 - t.cooldown_ratio)) / t.cooldown_ratio  # 0 until the cool-down, then to 1
+        return 1 - (1 - t.min_lr_ratio) * cooling
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

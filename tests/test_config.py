@@ -33,7 +33,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 @pytest.mark.parametrize("section,key,value,message", [
     ("training", "max_steps", "ten", "training.max_steps must be int"),
     ("training", "lr", -1.0, "training.lr must be positive"),
-    ("training", "lr_schedule", "linear", "warmup_cosine or plateau"),
+    ("training", "lr_schedule", "linear", "warmup_cosine, wsd or plateau"),
     ("model", "d_model", 30, "divisible by model.n_heads"),
     ("model", "n_kv_heads", 3, "divisible by model.n_kv_heads"),
     ("model", "n_layers", 0, "model.n_layers must be a positive"),

@@ -270,19 +270,20 @@ def test_list_reads_checkpoints_without_a_sidecar_and_plots(tiny_ckpt, tmp_path,
     assert code == 2 and err.startswith("error: checkpoint folder not found") and err.count("\n") == 1
 
 
-def test_twenty_checkpoints_list_in_under_two_seconds(tiny_ckpt, tmp_path):
+def test_twenty_checkpoints_list_from_their_sidecars_without_torch(tiny_ckpt, tmp_path):
+    """What makes listing fast: every row comes from a sidecar that belongs to its checkpoint, torch never loads."""
     for i in range(20):
         for suffix in ("", ".json"):
             os.link(f"{tiny_ckpt}{suffix}", tmp_path / f"epoch=0-step={i}.ckpt{suffix}")
-    code = ("import sys, time, list as L; t = time.perf_counter(); L.main(['--dir', sys.argv[1]]); "
-            "print(f'seconds {time.perf_counter() - t:.3f}')")
+    code = ("import sys, list as L; L.main(['--dir', sys.argv[1]]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     out = run_script("-c", code, tmp_path).stdout
-    assert len(out.splitlines()) == 22 and float(out.split("seconds ")[1]) < 2.0
+    assert len(out.splitlines()) == 22 and out.splitlines()[-1] == "no torch"
 
 
 def test_training_draws_the_loss_curve(tiny_run, tmp_path):
     png = tiny_run / "loss_curve.png"
-    assert png.read_bytes().startswith(PNG_MAGIC)  # written by train.py's TrainingLog at every validation
+    assert png.read_bytes().startswith(PNG_MAGIC)  # written by training.fit at every validation
     from plots import plot_loss_curve, read_losses
 
     train, val = read_losses(tiny_run / "metrics.csv")

@@ -28,6 +28,14 @@ def test_warmup_cosine_schedule_values():
     assert training.lr_multiplier(500, t) == pytest.approx(0.1)  # and stays there
 
 
+def test_wsd_schedule_is_flat_then_falls_linearly_in_the_cooldown():
+    t = Training(max_steps=100, warmup_ratio=0.1, min_lr_ratio=0.0, lr_schedule="wsd", cooldown_ratio=0.2)
+    assert training.lr_multiplier(4, t) == 0.5 and training.lr_multiplier(10, t) == 1.0
+    assert training.lr_multiplier(81, t) == 1.0  # progress 71/90 < 0.8: still stable
+    assert training.lr_multiplier(91, t) == pytest.approx(0.5)  # half-way through the cool-down
+    assert training.lr_multiplier(100, t) == pytest.approx(0.0)
+
+
 def test_plateau_schedule_is_flat_after_warmup_and_follows_the_plateau_scale():
     t = Training(max_steps=100, warmup_ratio=0.1, lr_schedule="plateau", lr=1e-3)
     assert training.lr_multiplier(4, t) == 0.5 and training.lr_multiplier(99, t) == 1.0
