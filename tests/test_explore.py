@@ -391,7 +391,7 @@ def test_sampling_ranges_are_ones_infer_py_accepts():
     for key, rule in explore.SETTINGS.items():
         for value in (rule["low"], rule["high"], rule["off"]):
             settings = {**{k: r["off"] for k, r in explore.SETTINGS.items()}, key: value}
-            infer.check_args(argparse.Namespace(**settings, no_repeat_ngram_size=0, max_new_tokens=1, num_samples=1,
+            infer.check_args(argparse.Namespace(**settings, no_repeat_ngram_size=0, max_new_tokens=1, num_samples=1, seed=None,
                                                 prompt="", interactive=False, info_only=False))
 
 
