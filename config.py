@@ -397,21 +397,48 @@ def parse_override(text: str):
         return key.strip().split("."), value
 
 
+# ---------------------------------------------------------------------------------------------
+# Text files: the one reader of UTF-8 text (configs, data, tokenizer files, train_tokenizer.py's input)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
+    with open_file(path) as f:
+        return decode_text(f.read(), path)
+
+
+def open_file(path: str):
+    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
+                         "permissions") from None
+
+
+def decode_text(raw: bytes, path: str, first_line: int = 1) -> str:
+    """raw bytes of `path` (starting at line `first_line`) as text, or a UsageError that names the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save it as UTF-8 (a parquet or "
+                         "csv file needs its own extension)") from None
+    if "\x00" in text:
+        line = first_line + raw.count(b"\n", 0, raw.index(b"\x00"))
+        raise UsageError(f"{path}:{line}: binary data (a NUL byte), not text: name a text file (a parquet or csv "
+                         "file needs its own extension)")
+    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
+
+
+
 def read_yaml(path: str) -> dict:
     """A YAML config file as a dict, checked: UTF-8 text, valid YAML, a non-empty mapping, no key written twice
     (PyYAML would silently keep the last of two `lr:` lines, or of two `training:` sections)."""
     if not os.path.isfile(path):
         raise UsageError(f"config file not found: {path} (pass --config with an existing YAML file)")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config is a YAML text "
-                         "file; save it as UTF-8") from None
-    if "\x00" in text:
-        raise UsageError(f"{path} holds binary data (a NUL byte), not YAML text: pass --config with a YAML file")
+    text = read_text(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes with line numbers, to find duplicate keys
         config = yaml.safe_load(text)

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from config import UsageError
+from config import UsageError, decode_text, open_file, read_text
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
@@ -478,7 +478,7 @@ def _is_dataset_repo(path: str) -> bool:
     card = os.path.join(path, "README.md")
     if not os.path.isfile(card):
         return False
-    with _open(card) as f:
+    with open_file(card) as f:
         return f.read(4) in (b"---\n", b"---\r")
 
 
@@ -521,18 +521,18 @@ def _records(data, kind: str, path: str, split: str, label: str) -> Iterator[tup
 
 def _json_records(path: str) -> Iterator[tuple[str, object]]:
     """(where, record) of a .jsonl file (one JSON value per line) or a .json file (a JSON array, or JSON Lines)."""
-    with _open(path) as f:
+    with open_file(path) as f:
         if path.endswith(".json") and f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             f.seek(0)
             try:
-                records = json.loads(_decode(f.read(), path))
+                records = json.loads(decode_text(f.read(), path))
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             yield from ((f"{path}[{i}]", record) for i, record in enumerate(records))
             return
         f.seek(0)
         for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, path, lineno)
+            line = decode_text(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -585,36 +585,6 @@ def _datasets_errors(message: str):
         raise UsageError(message.format(error=_first_line(e))) from None
     finally:
         datasets.logging.set_verbosity(verbosity)
-
-
-def read_text(path: str) -> str:
-    """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
-    with _open(path) as f:
-        return _decode(f.read(), path)
-
-
-def _open(path: str):
-    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
-                         "permissions") from None
-
-
-def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
-    """raw bytes of `path` (starting at line `first_line`) as text, or a UsageError that names the line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save it as UTF-8, or give a "
-                         "parquet/csv file its own extension") from None
-    if "\x00" in text:
-        line = first_line + raw.count(b"\n", 0, raw.index(b"\x00"))
-        raise UsageError(f"{path}:{line}: binary data (a NUL byte), not text: name a text file, or give a "
-                         "parquet/csv file its own extension")
-    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
 
 
 def _first_line(error: Exception) -> str:

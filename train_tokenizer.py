@@ -26,8 +26,7 @@ import json
 import os
 
 from checkpoint import atomic_write
-from config import UsageError, run_cli
-from data import read_text
+from config import UsageError, read_text, run_cli
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

@@ -190,7 +190,7 @@ ROWS = [
      r"then llama\.cpp's convert_hf_to_gguf\.py"),
     # Config files (config.read_yaml): text, one value per key, a mapping of sections.
     ("train.py", "--config {work}/latin1.yaml", r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9\): .*save it as UTF-8"),
-    ("train.py", "--config {work}/binary.yaml", r"binary\.yaml holds binary data \(a NUL byte\), not YAML text"),
+    ("train.py", "--config {work}/binary.yaml", r"binary\.yaml:2: binary data \(a NUL byte\), not text"),
     ("train.py", "--config {work}/dup_key.yaml",
      r"duplicate key 'training\.lr' in .*dup_key\.yaml at line 4 \(first at line 2\): .*remove one"),
     ("train.py", "--config {work}/dup_section.yaml", r"duplicate key 'training' in .*dup_section\.yaml at line 5 \(first at line 1\)"),
