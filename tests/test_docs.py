@@ -352,6 +352,24 @@ def test_expect_comments_are_well_formed_and_name_figures_the_prose_states():
             assert text in expect.prose, f"{expect.where}: \"{text}\" is not in the text above this comment"
 
 
+def test_the_checker_catches_a_figure_the_output_does_not_print():
+    """The comparison itself, on a made-up block: right figures pass; a wrong one, one off by more than its
+    rounding or tolerance, or a missing text, is reported."""
+    prose = flat("train loss 10.25 at step 10, 6.12 at step 50; `checkpoints/` holds `epoch=5-step=25.ckpt`.")
+    output = "step 10/50 | loss 10.2513 | lr 9.83e-04\nstep 50/50 | loss 6.1224\nepoch=5-step=25.ckpt\n"
+    rounded = parse_expect("x:1", r'"train loss {} at step 10, {} at step 50" from `step 10/50 \| loss (\S+).*'
+                           r'step 50/50 \| loss (\S+)`', prose, False)
+    within = parse_expect("x:2", r'"{} at step 50" from `step 50/50 \| loss (\S+)` ±0.01', prose, False)
+    names = parse_expect("x:3", '"epoch=5-step=25.ckpt"', prose, False)
+    assert disagreements(rounded, output) == disagreements(within, output) == disagreements(names, output) == []
+    assert len(disagreements(rounded, output.replace("10.2513", "10.2551"))) == 1  # 10.2551 rounds to 10.26
+    assert disagreements(within, output.replace("6.1224", "6.1299")) == []  # within 0.01
+    assert len(disagreements(within, output.replace("6.1224", "6.1350"))) == 1
+    assert len(disagreements(names, output.replace("epoch=5", "epoch=0"))) == 1
+    with pytest.raises(AssertionError, match="does not say"):  # a phrase the prose does not contain
+        stated_figures(parse_expect("x:4", r'"{} at step 60" from `(\S+)`', prose, False))
+
+
 def test_runnable_blocks_run_and_print_the_figures_the_docs_state(walked):
     checks = [(expect, output) for block, output in walked["outputs"] for expect in block.expects
               if FULL or not expect.full]
