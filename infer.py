@@ -248,15 +248,19 @@ def parse_args(argv=None):
                    help="print the checkpoint's metadata before generating")
     p.add_argument("--info-only", "--info_only", action="store_true",
                    help="print the checkpoint's metadata and exit (reads the .json sidecar; no model is built)")
+    # Two flags, one setting: left out, it follows the checkpoint's kind (args.instruct None). SUPPRESS keeps
+    # --help from printing each flag's own default (`--no-wrap (default: True)`), which is not what happens.
     wrap = p.add_mutually_exclusive_group()
-    wrap.add_argument("--instruct", dest="instruct", action="store_true", default=None,
-                      help="wrap the prompt in the instruction template (default only for fine-tuned checkpoints)")
-    wrap.add_argument("--no-wrap", "--no_wrap", dest="instruct", action="store_false",
-                      help="use the prompt as written, even for a fine-tuned checkpoint")
+    wrap.add_argument("--instruct", dest="instruct", action="store_true", default=argparse.SUPPRESS,
+                      help="wrap the prompt in the instruction template (default: automatic, on for fine-tuned "
+                           "(SFT) checkpoints, off for base ones)")
+    wrap.add_argument("--no-wrap", "--no_wrap", dest="instruct", action="store_false", default=argparse.SUPPRESS,
+                      help="use the prompt as written, even for a fine-tuned checkpoint (default: automatic, see "
+                           "--instruct)")
     p.add_argument("--interactive", action="store_true",
                    help="REPL: a multi-turn chat for fine-tuned checkpoints, prompt continuation for base ones; "
                         "/reset clears, /exit or Ctrl-D leaves")
-    return p.parse_args(argv)
+    return p.parse_args(argv, argparse.Namespace(instruct=None))  # None: automatic, by the checkpoint's kind
 
 
 def check_args(args) -> None:

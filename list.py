@@ -18,7 +18,7 @@ was not a logging step. Without metrics.csv, the stored meta is shown. An empty 
 validation ran at that step.
 
 Tags: best / last / final for the files of those names and for every hard link to them (train.py
-makes last.ckpt a hard link to the newest save, so `epoch=0-step=50.ckpt` may also be `last`).
+makes last.ckpt a hard link to the newest save: an `epoch=E-step=S.ckpt` while it runs, `final.ckpt` at the end).
 Sorting: --sort step (highest first, the default), mtime (newest first) or val (lowest first);
 --limit N keeps the first N rows of that order.
 """

@@ -7,6 +7,7 @@ The scripts are started all at once (most of the time is importing torch), so th
 long as the slowest `--help` (train.py's, which imports Lightning).
 """
 
+import importlib
 import re
 import subprocess
 import sys
@@ -65,3 +66,33 @@ def test_every_script_has_a_help_entry():
     on_disk = {p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]}
     libraries = {"model.py", "data.py", "config.py", "checkpoint.py", "training.py"}  # imported, never run
     assert sorted(on_disk - libraries - set(SCRIPTS)) == [], "a runnable script is missing from SCRIPTS"
+
+
+@pytest.mark.parametrize("script", ["infer.py", "explore.py"])
+def test_the_defaults_help_shows_are_the_values_the_script_uses(script, help_texts):
+    """Each `(default: X)` that --help prints is what parse_args gives when the flag is left out."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    defaults = vars(module.parse_args([]))
+    options = help_texts[script].split("\noptions:\n", 1)[1]
+    shown = 0
+    for entry in re.split(r"\n(?=  -)", options):
+        text = " ".join(entry.split())
+        default = re.search(r"\(default: ([^()]*)\)$", text)
+        dest = re.match(r"(?:-\w, )?--([\w-]+)", text).group(1).replace("-", "_")
+        if default and dest in defaults:
+            assert default.group(1) == str(defaults[dest]), (
+                f"{script} --help says --{dest} defaults to {default.group(1)}, but it is {defaults[dest]!r}")
+            shown += 1
+    assert shown >= 5
+
+
+def test_infer_help_says_the_instruction_template_is_automatic(help_texts):
+    """--instruct and --no-wrap set one value; left out, it follows the checkpoint's kind (None), which
+    argparse would print as `--no-wrap (default: True)`."""
+    import infer
+
+    assert infer.parse_args([]).instruct is None
+    text = " ".join(help_texts["infer.py"].split())
+    flags = text[text.index("--instruct wrap"):text.index("--interactive REPL")]
+    assert "automatic, on for fine-tuned (SFT) checkpoints" in flags
+    assert not re.search(r"\(default: (True|False|None)\)", flags), flags
