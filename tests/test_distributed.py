@@ -3,8 +3,9 @@
 One run of 4 steps, then the same folder resumed to 8 steps, compared with a single process
 that trains the same global batch (micro_batch_size doubled): the ranks see disjoint halves of
 exactly the single process's batches, the losses and weights agree, checkpoints are written once.
-Batches are recorded by a small wrapper script around training.loader (Lightning starts rank 1 by
-re-running the command, so the recording must live in the script it runs, not in this process).
+Batches are recorded by a wrapper around training.loader: in this process for the single-process
+reference, in a small script for DDP (Lightning starts rank 1 by re-running the command, so there the
+recording must live in the script it runs).
 """
 
 import csv
@@ -12,42 +13,47 @@ import json
 
 import yaml
 
+import finetune
+import train
+import training
 from checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, run_script, write_config
 
+
+def recording(loader, log_path):
+    """training.loader, also appending (rank, step, first tokens of each row) of every training batch to log_path."""
+    def recording_loader(samples, t, fabric, start, stop, shuffle, collate_fn=None, workers=0):
+        batches = loader(samples, t, fabric, start, stop, shuffle, collate_fn, workers)
+        if not shuffle:  # validation
+            return batches
+        first_step = start // (t.micro_batch_size * t.grad_accum_steps * fabric.world_size)
+
+        def record():
+            for i, (x, y) in enumerate(batches):
+                with open(log_path, "a") as f:
+                    rows = [row[:8].tolist() for row in x]
+                    f.write(json.dumps({"rank": fabric.global_rank, "step": first_step + i // t.grad_accum_steps,
+                                        "rows": rows}) + "\n")
+                yield x, y
+        return record()
+    return recording_loader
+
+
+# Lightning starts rank 1 by re-running the command, so a DDP run records through a script of its own.
 RECORDER = f'''
-import json, sys
-sys.path.insert(0, {str(ROOT)!r})
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import config, finetune, train, training
+from test_distributed import recording
 
-original_loader = training.loader
-
-
-def recording_loader(samples, t, fabric, start, stop, shuffle, collate_fn=None, workers=0):
-    \"\"\"training.loader, appending (rank, step, first tokens of each row) of every training batch to the log.\"\"\"
-    batches = original_loader(samples, t, fabric, start, stop, shuffle, collate_fn, workers)
-    if not shuffle:  # validation
-        return batches
-    first_step = start // (t.micro_batch_size * t.grad_accum_steps * fabric.world_size)
-
-    def record():
-        for i, (x, y) in enumerate(batches):
-            with open(sys.argv[-1], "a") as f:
-                rows = [row[:8].tolist() for row in x]
-                f.write(json.dumps({{"rank": fabric.global_rank, "step": first_step + i // t.grad_accum_steps,
-                                    "rows": rows}}) + "\\n")
-            yield x, y
-    return record()
-
-
-training.loader = recording_loader
+training.loader = recording(training.loader, sys.argv[-1])
 script = {{"train.py": train, "finetune.py": finetune}}[sys.argv[1]]
 config.run_cli(lambda: script.main(sys.argv[2:-1]))
 '''
 
 
 def record(tmp_path, script, *args):
-    """Run `python SCRIPT ARGS` through the recorder (Lightning starts rank 1 by re-running this same command)."""
+    """Run `python SCRIPT ARGS` through the recorder, in two processes."""
     (tmp_path / "record.py").write_text(RECORDER)
     return run_script(tmp_path / "record.py", script, *args, tmp_path / "batches.jsonl")
 
@@ -62,15 +68,16 @@ def metrics(folder, column) -> dict:
         return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
 
 
-def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     settings = {"training": {"max_steps": 4, "save_every": 2, "val_every": 2, "log_every": 1, "keep_last": 0}}
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir(), ddp.mkdir()
 
     # One process, micro_batch_size 8: the global batch is 8 sequences.
     single_config = write_config(single, {**settings, "training": {**settings["training"], "micro_batch_size": 8}})
-    record(single, "train.py", "--config", single_config)
-    record(single, "train.py", "--config", single_config, "--set", "training.max_steps=8")  # resume 4 -> 8
+    monkeypatch.setattr(training, "loader", recording(training.loader, single / "batches.jsonl"))
+    assert train.main(["--config", str(single_config)]) == 0  # in this process: one process is what it checks
+    assert train.main(["--config", str(single_config), "--set", "training.max_steps=8"]) == 0  # resume 4 -> 8
 
     # Two processes, micro_batch_size 4 each: 4 x 2 ranks = the same 8 sequences per step.
     ddp_config = write_config(ddp, {**settings, "hardware": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
@@ -142,7 +149,7 @@ def test_ddp_finetuning_splits_batches_writes_once_and_resumes(tmp_path, tiny_ck
     single = tmp_path / "single"
     single.mkdir()
     single_config = sft_config(single, tiny_ckpt, **{**steps, "micro_batch_size": 8})
-    run_script("finetune.py", "--config", single_config)
+    assert finetune.main(["--config", str(single_config)]) == 0
     ours, reference = metrics(tmp_path / "ddp" / "sft", "val_loss"), metrics(single / "sft", "val_loss")
     assert ours.keys() == reference.keys() == {2, 4}
     for step in ours:

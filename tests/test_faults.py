@@ -20,6 +20,7 @@ import torch
 import train
 import training
 from checkpoint import load_checkpoint, read_meta
+from config import run_cli
 from conftest import ROOT, write_config
 from data import load_tokenizer
 
@@ -210,15 +211,17 @@ def test_a_run_folder_with_glob_characters_resumes_and_prunes(tmp_path):
     assert read_meta(str(folder / "final.ckpt"))["step"] == 8
 
 
-def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path):
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
     config = write_config(tmp_path, {"training": {"max_steps": 100000, "val_every": 1000, "save_every": 1000}})
     first = start_training(config)
     try:
         wait_for(lambda: (tmp_path / "checkpoints" / "metrics.csv").exists(), first, poll=0.01)
-        second = subprocess.run([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, capture_output=True,
-                                text=True)
-        assert second.returncode == 2 and "Traceback" not in second.stderr
-        lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        # The second run, in this process (an fcntl lock refuses a second open of the file even here).
+        with pytest.raises(SystemExit) as exit_code:
+            run_cli(lambda: train.main(["--config", str(config)]))
+        stderr = capsys.readouterr().err
+        assert exit_code.value.code == 2 and "Traceback" not in stderr
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "is in use by another run (pid " in lines[0] and str(first.pid) in lines[0]
     finally:
         first.send_signal(signal.SIGINT)
