@@ -12,6 +12,11 @@ with config_shakespeare.yaml (the learner's recipe) for what is left of the budg
 weights are scored on every validation byte. The validation text is written to a file that only
 evaluation reads (train.py's own validation and the scoring here); the tokenizer never sees it.
 
+Run it on a quiet machine (`flock` keeps other benchmarks off): torch's threads spin while they wait
+for each other (OpenMP's default), which makes a training step ~1.6x faster than sleeping threads when the
+two cores are free, and several times slower when another process wants one. On a shared machine, set
+OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1 (docs/PERFORMANCE.md measures all three).
+
 Printed: ONE line with val bpb (sum of NLL in bits / UTF-8 bytes of the validation text), the wall
 time of the whole benchmark, tokens trained on, parameters, and MFU (model FLOPs per second of
 training against the machine's measured fp32 matmul peak).
@@ -32,11 +37,9 @@ from config import UsageError, reject_non_finite, run_cli  # noqa: E402  (light:
 
 CONFIG = os.path.join(ROOT, "config_shakespeare.yaml")  # the learner's recipe, with the benchmark's own paths
 # Seconds of the budget not given to training.max_time: train.py's start-up (imports, tokenizer, peak
-# measurement), its final checkpoint, and the scoring here. Measured on the 2-core CPU (docs/PERFORMANCE.md).
-RESERVE_S = 24.0
-# OpenMP threads that sleep instead of spinning while they wait: on a shared 2-core machine a spinning
-# thread steals the core another process needs, and a step then costs up to 10x more (docs/PERFORMANCE.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads here; train.py inherits it
+# measurement), its final checkpoint, and the scoring here: ~14 s measured on the 2-core CPU (of which ~8 s
+# import Lightning Fabric), plus ~4 s of margin for a noisy machine (docs/PERFORMANCE.md).
+RESERVE_S = 18.0
 
 
 def split_corpus(corpus: str, folder: str) -> tuple[str, str]:

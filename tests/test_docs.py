@@ -15,10 +15,11 @@ command blocks a reader is told to run do run and print what the docs say they p
   printed; and .gitignore covers every file the blocks created. CONTRIBUTING.md, "Docs that stay
   true", explains the comments.
 - Two speeds. By default (CI, about 2 minutes) the smoke pretraining runs in full, the SFT smoke run
-  is shortened to 4 steps, and the blocks marked `<!-- offline full -->` (exercises that train for a
-  minute each) and the checks marked `expect full` (figures of the full SFT run) are left out.
-  DOCS_FULL=1 runs and checks everything as written (about 8 minutes): do it after changing a doc's
-  figures or anything that moves them (training, sampling, the smoke configs, the corpus).
+  is shortened to 4 steps and the 3-minute Shakespeare run to 10 steps, and the blocks marked
+  `<!-- offline full -->` (exercises that train for a minute each) and the checks marked `expect full`
+  (figures of the full SFT and Shakespeare runs) are left out. DOCS_FULL=1 runs and checks everything
+  as written (about 11 minutes): do it after changing a doc's figures or anything that moves them
+  (training, sampling, the smoke configs, the corpus).
 
     python -m pytest -q tests/test_docs.py
     DOCS_FULL=1 python -m pytest -q tests/test_docs.py
@@ -207,6 +208,7 @@ NUMBER = r"(-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?)"  # what a {} of a phrase stands
 # DOCS_FULL=1 runs every block as written (several minutes). The default run (CI) shortens the SFT smoke
 # config (scratch_copy) and skips the blocks marked `offline full` and the checks marked `expect full`.
 FULL = os.environ.get("DOCS_FULL") == "1"
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @dataclasses.dataclass
@@ -292,16 +294,22 @@ def disagreements(expect: Expect, output: str) -> list[str]:
 
 def scratch_copy(folder: Path) -> Path:
     """What a reader has after cloning (scripts, configs, data, cases, benchmarks, .gitignore), as a git
-    repository; outside a full run the SFT smoke run is shortened to 4 steps."""
+    repository; outside a full run the SFT smoke run is shortened to 4 steps and the Shakespeare run to 10."""
     for path in ROOT.iterdir():
         if path.is_file() and (path.suffix in (".py", ".yaml", ".txt") or path.name == ".gitignore"):
             shutil.copy(path, folder)
     for name in ("data", "cases", "benchmarks"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # The README's download of tiny Shakespeare, done from ../shared (any text file works, if it is missing).
+    shutil.copy(SHAKESPEARE if SHAKESPEARE.is_file() else ROOT / "data" / "tiny_corpus.txt",
+                folder / "data" / "shakespeare.txt")
     if not FULL:
         raw = yaml.safe_load((folder / "config_finetune_smoke.yaml").read_text())
         raw["training"].update(max_steps=4, val_every=4, save_every=4, log_every=2)
         (folder / "config_finetune_smoke.yaml").write_text(yaml.safe_dump(raw))
+        raw = yaml.safe_load((folder / "config_shakespeare.yaml").read_text())
+        raw["training"].update(max_time=None, max_steps=10, log_every=5)  # a few steps, not 3 minutes
+        (folder / "config_shakespeare.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     return folder
 
