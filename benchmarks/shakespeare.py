@@ -13,8 +13,8 @@ weights are scored on every validation byte. The validation text is written to a
 evaluation reads (train.py's own validation and the scoring here); the tokenizer never sees it.
 
 Run it on a quiet machine (`flock` keeps other benchmarks off): torch's threads spin while they wait
-for each other (OpenMP's default), which makes a training step ~1.6x faster than sleeping threads when the
-two cores are free, and several times slower when another process wants one. On a shared machine, set
+for each other (OpenMP's default), which made training ~1.4x faster than sleeping threads when the two
+cores were free, and 2-4x slower when another process wanted one. On a shared machine, set
 OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1 (docs/PERFORMANCE.md measures all three).
 
 Printed: ONE line with val bpb (sum of NLL in bits / UTF-8 bytes of the validation text), the wall
