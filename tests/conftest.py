@@ -4,6 +4,7 @@ Every test runs offline: HF_HUB_OFFLINE is set so that a stray Hub call fails in
 """
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `from model import ...` however pytest is started
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Several tests press Ctrl-C (SIGINT) on the scripts they start. A shell that starts the suite in the
+# background (`pytest ... &`) makes it ignore SIGINT, and every child would inherit that: Ctrl-C as Python has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY_CONFIG = {
     "model": {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 32},
