@@ -14,11 +14,11 @@ command blocks a reader is told to run do run and print what the docs say they p
   states about a block, paired with its output by an `<!-- expect ... -->` comment, is what the block
   printed; and .gitignore covers every file the blocks created. CONTRIBUTING.md, "Docs that stay
   true", explains the comments.
-- Two speeds. By default (CI, about 2 minutes) the smoke pretraining runs in full, the SFT smoke run
+- Two speeds. By default (CI, about 3 minutes) the smoke pretraining runs in full, the SFT smoke run
   is shortened to 4 steps and the 3-minute Shakespeare run to 10 steps, and the blocks marked
   `<!-- offline full -->` (exercises that train for a minute each) and the checks marked `expect full`
   (figures of the full SFT and Shakespeare runs) are left out. DOCS_FULL=1 runs and checks everything
-  as written (about 11 minutes): do it after changing a doc's figures or anything that moves them
+  as written (about 13 minutes): do it after changing a doc's figures or anything that moves them
   (training, sampling, the smoke configs, the corpus).
 
     python -m pytest -q tests/test_docs.py
