@@ -103,6 +103,24 @@ def make_optimizers(model: torch.nn.Module, t) -> tuple[dict, dict]:
     return optimizers, peak_lrs
 
 
+def clip_gradients(fabric, model, optimizers: dict, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / global norm) and return the global norm before clipping.
+
+    The norm is ONE number over every parameter of the model, whichever optimizer steps it: clipping each
+    optimizer's own parameters (Muon's matrices, AdamW's embeddings and norms) to max_norm separately would let
+    the update grow with the number of optimizers. With one optimizer, Fabric clips (it unscales float16
+    gradients and knows FSDP's shards); with several (training.optimizer muon, which config.py allows only
+    without float16 loss scaling and without FSDP) every gradient is a plain local tensor, and torch clips them
+    together. max_norm 0 clips nothing (the norm is still measured, for the log).
+    """
+    limit = max_norm or math.inf
+    if len(optimizers) == 1:
+        norm = fabric.clip_gradients(model, next(iter(optimizers.values())), max_norm=limit, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit, error_if_nonfinite=False)
+    return norm.detach()
+
+
 def token_loss(logits, labels):
     """Mean cross-entropy over the labelled positions of (B, T, vocab) logits and (B, T) labels.
 
@@ -621,6 +639,7 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
                       "the clock")
         started, time_before, start_step = time.monotonic(), state.train_time, state.step
         log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
+        grad_norms = []  # the global gradient norm of each step since the last log line, before clipping
         while state.step < t.max_steps:
             # 1. The learning rate of this step: the one place it is set.
             lr_scale = lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale)
@@ -651,10 +670,9 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
             if not math.isfinite(loss_mean):
                 raise FloatingPointError(f"loss became {loss_mean} at step {state.step}")
 
-            # 4. Clip the gradients' norm, then the optimizer step.
+            # 4. Clip the gradients' global norm (once, over every parameter), then step each optimizer.
+            grad_norms.append(clip_gradients(fabric, model, optimizers, t.grad_clip))
             for optimizer in optimizers.values():
-                if t.grad_clip:
-                    fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip, error_if_nonfinite=False)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -669,6 +687,7 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
             if state.step % t.log_every == 0 or last_step:
                 now = time.monotonic()
                 state.last_train_loss = sum(losses) / len(losses)
+                grad_norm = float(torch.stack(grad_norms).mean())
                 tok_s = (state.tokens_seen - log_tokens) / max(now - log_start, 1e-9)
                 sup_s = (state.supervised_seen - log_supervised) / max(now - log_start, 1e-9)
                 mfu = tok_s * flops_per_token / peak / world
@@ -680,13 +699,16 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
                     # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
                     sup_text = f"{sup_s:,.0f} supervised tok/s | " if run.kind == "sft" else ""
                     print(f"step {state.step}/{t.max_steps} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
+                          f"grad norm {grad_norm:.3f} | "
                           f"{tok_s:,.0f} tok/s | {sup_text}MFU {100 * mfu:.1f}% | "
                           f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
                 fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen,
-                                 "train_loss": state.last_train_loss, "lr": lr, "tokens_per_s": tok_s,
+                                 "train_loss": state.last_train_loss, "grad_norm": grad_norm, "lr": lr,
+                                 "tokens_per_s": tok_s,
                                  "supervised_tokens_per_s": sup_s, "mfu": mfu, "elapsed_s": state.train_time},
                                 step=state.step)
                 losses, log_start, log_tokens, log_supervised = [], now, state.tokens_seen, state.supervised_seen
+                grad_norms = []
 
             # 6. Validation every val_every steps: log it, keep the best weights, cut the LR or stop on a plateau.
             early_stop = False

@@ -164,6 +164,27 @@ def test_gradient_clipping_is_always_applied(tmp_path, monkeypatch):
     assert len(norms) == 3 and max(norms) <= 0.01 * 1.0001
 
 
+def test_muon_clips_one_global_norm_over_both_optimizers(tmp_path, monkeypatch):
+    """With training.optimizer muon, AdamW and Muon step different parameters; the clip bounds the norm of ALL
+    their gradients together (each optimizer clipped to grad_clip alone would allow sqrt(2) x grad_clip)."""
+    squared = {"AdamW": [], "Muon": []}  # per optimizer: the squared norm of its gradients at each of its steps
+    for cls in (torch.optim.AdamW, torch.optim.Muon):
+        def recording_step(self, *args, _original=cls.step, _name=cls.__name__, **kwargs):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            squared[_name].append(float(sum(g.float().pow(2).sum() for g in grads)))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "step", recording_step)
+    config = write_config(tmp_path, {"training": {"max_steps": 3, "grad_clip": 0.01, "optimizer": "muon"}})
+    assert train.main(["--config", str(config)]) == 0
+    assert len(squared["AdamW"]) == len(squared["Muon"]) == 3
+    for adamw, muon in zip(squared["AdamW"], squared["Muon"]):
+        assert adamw > 0 and muon > 0
+        assert math.sqrt(adamw + muon) <= 0.01 * 1.0001  # one bound for the whole model
+    rows = list(csv.DictReader(open(tmp_path / "checkpoints" / "metrics.csv")))
+    logged = [float(r["grad_norm"]) for r in rows if r.get("grad_norm")]
+    assert logged and all(n > 0.01 for n in logged)  # the norm BEFORE clipping: what says whether a run is healthy
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "nan"
     shutil.copytree(tiny_run, folder / "checkpoints")
