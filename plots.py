@@ -15,20 +15,26 @@ import csv
 import sys
 
 
-def read_losses(metrics_csv: str) -> tuple[dict, dict]:
-    """({step: train_loss}, {step: val_loss}) from a metrics.csv written by training.fit (Lightning's CSV logger).
+def read_metrics(metrics_csv: str) -> list[dict]:
+    """The rows of a metrics.csv written by training.fit (Lightning's CSV logger), each {column: float}, empty
+    cells left out, in file order. The one reader of that file (training.py, list.py, explore.py use it)."""
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if (row.get("step") or "").isdigit()]
+    return [{key: float(value) for key, value in row.items() if value not in ("", None)} for row in rows]
 
-    A resumed run appends rows for steps it repeats; the later row wins, as it describes the run
+
+def read_losses(metrics_csv: str) -> tuple[dict, dict]:
+    """({step: train_loss}, {step: val_loss}) from a metrics.csv.
+
+    A resumed run logs again the rows up to its checkpoint; the later row wins, as it describes the run
     that continued.
     """
     train, val = {}, {}
-    with open(metrics_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            if row.get("train_loss"):
-                train[step] = float(row["train_loss"])
-            if row.get("val_loss"):
-                val[step] = float(row["val_loss"])
+    for row in read_metrics(metrics_csv):
+        if "train_loss" in row:
+            train[int(row["step"])] = row["train_loss"]
+        if "val_loss" in row:
+            val[int(row["step"])] = row["val_loss"]
     return train, val
 
 

@@ -15,7 +15,6 @@ per device, autocast, syncing gradients, sharding, gathering a checkpoint. The l
 state needed to resume it exactly (a plain dict saved in every checkpoint), are ours.
 """
 
-import csv
 import dataclasses
 import glob
 import logging
@@ -510,11 +509,11 @@ def make_loggers(cfg) -> list:
 def logged_rows(metrics_csv: str, up_to_step: int) -> list[dict]:
     """The rows of an earlier metrics.csv up to a step, as numbers: a resumed run logs them again (Lightning's
     CSV logger starts a fresh file), and drops what an interrupted run logged after its checkpoint."""
+    from plots import read_metrics
+
     if not os.path.isfile(metrics_csv):
         return []
-    with open(metrics_csv, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= up_to_step]
-    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
+    return [row for row in read_metrics(metrics_csv) if row["step"] <= up_to_step]
 
 
 def draw_loss_curve(folder: str, title: str) -> None:
