@@ -143,7 +143,7 @@ class Training:
     val_every: Optional[PositiveInt] = 100  # validate every this many optimizer steps and at the end; null = at the end
     val_batches: PositiveInt = 50  # at most this many validation batches per validation
     log_every: PositiveInt = 10  # print a log line every this many optimizer steps
-    save_every: Optional[PositiveInt] = 100  # a checkpoint every this many optimizer steps; null = none but the last
+    save_every: Optional[PositiveInt] = 100  # a checkpoint every this many optimizer steps; null = only at the end
     keep_last: NonNegativeInt = 3  # periodic checkpoints kept on disk (best/last/final are never deleted); 0 = all
     checkpoint_dir: str = "checkpoints"  # where .ckpt files, metrics.csv and loss_curve.png go
     auto_resume: bool = True  # continue from the newest checkpoint in checkpoint_dir
