@@ -196,3 +196,32 @@ def test_anchors_merge_keys_and_a_byte_order_mark_are_fine(tmp_path):
 
     path.write_text("base: &b {lr: 0.01}\nother:\n  <<: *b\n  lr: 0.02\n  again: *b\n")
     assert read_yaml(str(path))["other"] == {"lr": 0.02, "again": {"lr": 0.01}}
+
+
+@pytest.mark.parametrize("key, value", [("dropout", 0.25), ("gradient_checkpointing", True), ("qk_norm", True)])
+def test_the_keys_that_may_change_between_runs_are_one_list(tmp_path, tiny_run, key, value):
+    """Resuming (training.py) and fine-tuning (finetune.py) both read ModelConfig.ADJUSTABLE: a change of one of
+    those keys is taken by both, a change of any other key refused by both."""
+    import shutil
+
+    import finetune
+    import training
+    from checkpoint import read_meta
+    from data import load_tokenizer
+    from model import ModelConfig
+
+    meta = read_meta(str(tiny_run / "final.ckpt"))
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("*.png", "*.csv"))
+    changed = ModelConfig(**{**meta["model_config"], key: value})
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(yaml.safe_dump({"finetune": {"base_checkpoint": str(tiny_run / "final.ckpt")}, "model": {key: value},
+                                   "training": {"checkpoint_dir": str(tmp_path / "sft"), "seq_len": 32}}))
+    if key in ModelConfig.ADJUSTABLE:
+        assert training.find_resume_checkpoint(str(folder), changed, load_tokenizer(meta["tokenizer"]), "pretrain")
+        assert getattr(finetune.read_base(finetune.load_finetune_config(str(sft)))[1], key) == value
+    else:
+        with pytest.raises(UsageError, match=f"its model.{key} is"):
+            training.find_resume_checkpoint(str(folder), changed, load_tokenizer(meta["tokenizer"]), "pretrain")
+        with pytest.raises(UsageError, match=f"model.{key} is {value} in the config but"):
+            finetune.read_base(finetune.load_finetune_config(str(sft)))
