@@ -6,7 +6,7 @@ before anything heavy starts: an unknown key, a wrong type or an impossible valu
 `UsageError` with one line naming the key (and a "did you mean" suggestion).
 
     cfg = load_config("config_smoke.yaml", overrides=["training.max_steps=10"])
-    cfg.training.lr, cfg.model.n_layers
+    cfg.training.lr, cfg.model  # model: the ModelConfig keys the file sets, e.g. {"n_layers": 2}
 
 Each key's type declares the values it allows (`Literal[...]` choices, `Range` bounds: schema.py), once:
 the check, its error message and the "allowed" column of docs/CONFIG_REFERENCE.md all come from it.
