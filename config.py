@@ -176,7 +176,7 @@ class Data:
     val_docs: NonNegativeInt = 50  # documents held out for validation when there is no separate split
     train_docs: Optional[int] = None  # cap on training documents (needed to bound a streamed dataset)
     text_field: str = "text"  # field holding the text in .jsonl files and datasets
-    txt_documents: Literal["line", "paragraph", "file"] = "line"  # in .txt files: one document per line, ...
+    txt_documents: Literal["line", "paragraph", "file"] = "line"  # a .txt document: a line, a paragraph or the file
     streaming: bool = False  # stream a Hub dataset instead of downloading it whole
     shuffle_buffer: int = 0  # shuffle a streamed training set through a buffer of this many documents
     max_doc_len: int = 0  # truncate each document to this many tokens (0 = no limit)
@@ -200,8 +200,9 @@ class Finetune:
 @dataclass
 class Config:
     # Section `model`: the model.ModelConfig fields the file sets, checked against ModelConfig's own
-    # declarations (names, types, allowed values); `model_config` fills in the rest. finetune.py compares
-    # them with the base checkpoint's architecture.
+    # declarations (names, types, allowed values). A key left out takes ModelConfig's default (model_config),
+    # except two that follow the run: vocab_size (the tokenizer's) and max_seq_len (training.seq_len).
+    # finetune.py compares the keys a file sets with the base checkpoint's architecture.
     model: dict = field(default_factory=dict)
     training: Training = field(default_factory=Training)
     hardware: Hardware = field(default_factory=Hardware)
