@@ -29,7 +29,6 @@ from data import ShuffledPasses, format_instruction, split_documents, tokenizer_
 from model import ModelConfig, Transformer
 
 SFT_CHECKPOINT_DIR = "checkpoints/sft"  # default training.checkpoint_dir here: SFT never mixes with pretraining
-ADJUSTABLE = ("dropout", "gradient_checkpointing")  # model keys an SFT config may change; the rest is the base's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,12 +52,12 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
                          "config_smoke.yaml` (or the config it came from), or set finetune.base_checkpoint")
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    base, given = dict(meta["model_config"]), cfg.model.given()
+    base, given = dict(meta["model_config"]), cfg.model
     for key, value in given.items():  # the base fixes the architecture; the config may only repeat it
-        if key not in ADJUSTABLE and base.get(key) != value:
+        if key not in ModelConfig.ADJUSTABLE and base.get(key) != value:
             raise UsageError(f"model.{key} is {value} in the config but {base.get(key)} in the base checkpoint "
                              f"{path}: remove model.{key} (the base checkpoint defines the architecture)")
-    model_cfg = ModelConfig(**{**base, **{k: v for k, v in given.items() if k in ADJUSTABLE}})
+    model_cfg = ModelConfig(**{**base, **{k: v for k, v in given.items() if k in ModelConfig.ADJUSTABLE}})
     if cfg.training.seq_len > model_cfg.max_seq_len:
         raise UsageError(f"training.seq_len ({cfg.training.seq_len}) exceeds the base model's max_seq_len "
                          f"({model_cfg.max_seq_len}): set training.seq_len <= {model_cfg.max_seq_len}")
@@ -195,7 +194,7 @@ def plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, wor
         f"({100 * stats['supervised'] / max(stats['tokens'], 1):.0f}%); per-batch padding adds "
         f"{100 * (padded / max(stats['tokens'], 1) - 1):.0f}% at micro_batch_size {t.micro_batch_size}",
         f"batch: {per_step} examples per optimizer step = {t.micro_batch_size} x {t.grad_accum_steps} accum x "
-        f"{world_size} devices; {t.max_steps} steps = {t.max_steps * per_step / max(len(train), 1):.2f} epochs; "
+        f"{world_size} devices; {training.step_budget(t, per_step / max(len(train), 1))}; "
         f"checkpoints -> {t.checkpoint_dir}",
     ]
 

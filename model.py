@@ -15,60 +15,53 @@ This file holds only the model: no tokenizer, no files, no training loop. Other 
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from schema import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
+
 
 @dataclass
 class ModelConfig:
-    """Architecture hyperparameters: the `model:` section of a YAML config."""
+    """Architecture hyperparameters: the `model:` section of a YAML config. Each type declares the values it
+    allows (schema.py); the checks below are the rules that tie two fields together."""
 
-    vocab_size: int = 50304  # rows of the embedding; >= the tokenizer's vocabulary (padded to a multiple of 64)
-    n_layers: int = 4  # number of Transformer blocks
-    d_model: int = 256  # width of the residual stream
-    n_heads: int = 8  # query heads; head_dim = d_model / n_heads
-    n_kv_heads: int = 4  # key/value heads shared by groups of query heads (GQA); 1 = MQA, n_heads = MHA
-    d_ff: int = 704  # hidden width of the SwiGLU MLP (about 8/3 * d_model)
-    dropout: float = 0.0  # dropout on attention weights and on each residual branch, training only
-    rope_theta: float = 10000.0  # RoPE base: larger = slower-rotating low frequencies, longer reach
-    norm_eps: float = 1e-5  # epsilon inside RMSNorm
-    max_seq_len: int = 256  # longest sequence the KV cache holds and training may use
+    vocab_size: PositiveInt = 50304  # rows of the embedding; >= the tokenizer's vocabulary (padded to a multiple of 64)
+    n_layers: PositiveInt = 4  # number of Transformer blocks
+    d_model: PositiveInt = 256  # width of the residual stream
+    n_heads: PositiveInt = 8  # query heads; head_dim = d_model / n_heads
+    n_kv_heads: PositiveInt = 4  # key/value heads shared by groups of query heads (GQA); 1 = MQA, n_heads = MHA
+    d_ff: PositiveInt = 704  # hidden width of the SwiGLU MLP (about 8/3 * d_model)
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # on attention weights and each residual branch, training only
+    rope_theta: PositiveFloat = 10000.0  # RoPE base: larger = slower-rotating low frequencies, longer reach
+    norm_eps: PositiveFloat = 1e-5  # epsilon inside RMSNorm
+    max_seq_len: PositiveInt = 256  # longest sequence the KV cache holds and training may use
     tie_embeddings: bool = True  # share the input embedding with the output projection
-    swa_window: int = 0  # sliding-window attention: 0 = full causal; w > 0 = each token sees the last w tokens
+    swa_window: NonNegativeInt = 0  # sliding-window attention: 0 = full causal; w > 0 = each token sees the last w
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
     # Departures from the Llama recipe, off by default (measured for the Shakespeare recipe, docs/PERFORMANCE.md).
     # convert.py refuses to export a model that uses one: Hugging Face's Llama could not compute it.
-    mlp: str = "swiglu"  # swiglu (Llama's gated MLP) | relu2: down(relu(up(x))^2), two matrices instead of three
+    mlp: Literal["swiglu", "relu2"] = "swiglu"  # swiglu (Llama's gated MLP) | relu2: down(relu(up(x))^2), 2 matrices
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before RoPE: attention logits stay bounded
-    logit_softcap: float = 0.0  # 0 = off; c > 0: logits = c * tanh(logits / c), so no logit exceeds c
+    logit_softcap: Annotated[float, Range(ge=0)] = 0.0  # 0 = off; c > 0: logits = c * tanh(logits / c), none above c
     zero_init: bool = False  # the two projections that write into the residual stream start at zero
 
+    # The fields that change how the model trains, not what it computes: a resumed run and an SFT run may
+    # change them (training.find_resume_checkpoint, finetune.read_base); every other field must match.
+    ADJUSTABLE: ClassVar[tuple[str, ...]] = ("dropout", "gradient_checkpointing")
+
     def __post_init__(self):
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            # bool is an int subclass and 1.5 would silently truncate: both are config typos
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        check_fields(self, "model.")  # each field's type and allowed values, as declared above
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model.d_model / model.n_heads must be even for RoPE, got head_dim {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.swa_window, int) or isinstance(self.swa_window, bool) or self.swa_window < 0:
-            raise ValueError(f"model.swa_window must be 0 (off) or a positive integer window, got {self.swa_window!r}")
-        for name in ("rope_theta", "norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)!r}")
-        if self.mlp not in ("swiglu", "relu2"):
-            raise ValueError(f"model.mlp must be swiglu or relu2, got {self.mlp!r}")
-        if not self.logit_softcap >= 0:
-            raise ValueError(f"model.logit_softcap must be 0 (off) or positive, got {self.logit_softcap!r}")
 
     @property
     def llama_compatible(self) -> bool:

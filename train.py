@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     plan = [f"data: {len(train_tokens):,} train tokens ({len(train_windows):,} windows), "
             f"{len(val_tokens):,} val tokens; {held_out}",
             f"batch: {tokens_per_step:,} tokens per optimizer step = {t.micro_batch_size} seqs x {t.seq_len} "
-            f"tokens x {t.grad_accum_steps} accum x {world} devices; {t.max_steps} steps = "
-            f"{t.max_steps * tokens_per_step / max(len(train_tokens), 1):.2f} epochs",
+            f"tokens x {t.grad_accum_steps} accum x {world} devices; "
+            f"{training.step_budget(t, tokens_per_step / max(len(train_tokens), 1))}",
             f"resuming from {resume[0]} at step {state.step}" if resume else "starting from scratch"]
     final = os.path.join(t.checkpoint_dir, "final.ckpt")
     run = training.Run(kind="pretrain", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,

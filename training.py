@@ -54,11 +54,14 @@ def lr_multiplier(step: int, t, elapsed: float = 0.0, plateau_scale: float = 1.0
       plateau        flat, multiplied by `plateau_scale`, which validation cuts when the loss stalls
                      (never below reduce_on_plateau.min_lr).
     With training.max_time the same shape is laid over the share of the budget used after `elapsed`
-    seconds, p = max((step + 1) / max_steps, elapsed / max_time): warm-up while p < warmup_ratio, and the
-    schedule reaches its floor exactly when time (or steps) run out, however fast the machine is.
+    seconds, p = max((step + 1) / max_steps, elapsed / max_time) (p = elapsed / max_time when max_steps is
+    null): warm-up while p < warmup_ratio, and the schedule reaches its floor exactly when time (or steps)
+    run out, however fast the machine is.
     """
     if t.max_time:
-        used = max((step + 1) / t.max_steps, elapsed / t.max_time)
+        used = elapsed / t.max_time
+        if t.max_steps is not None:
+            used = max(used, (step + 1) / t.max_steps)
         if used < t.warmup_ratio:
             return used / t.warmup_ratio
         progress = (used - t.warmup_ratio) / (1 - t.warmup_ratio)
@@ -328,9 +331,8 @@ def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
         return None
     step, _, path, meta = max(candidates, key=lambda c: (c[0], c[1]))
     theirs, ours = meta["model_config"], vars(model_config)
-    ignore = {"dropout", "gradient_checkpointing"}  # safe to change between runs
     for key in ours:
-        if key not in ignore and theirs.get(key) != ours[key]:
+        if key not in model_config.ADJUSTABLE and theirs.get(key) != ours[key]:
             raise UsageError(f"cannot resume from {path}: its model.{key} is {theirs.get(key)}, the config says "
                              f"{ours[key]}; pass --no_resume to start over or set training.checkpoint_dir elsewhere")
     if meta.get("kind") != kind:
@@ -348,7 +350,7 @@ def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
 
 def already_done(resume, t) -> bool:
     """True, and says so, when the checkpoint to resume from has already reached training.max_steps/max_time."""
-    if resume and resume[1]["step"] >= t.max_steps:
+    if resume and t.max_steps is not None and resume[1]["step"] >= t.max_steps:
         print(f"{resume[0]} is already at step {resume[1]['step']} of training.max_steps={t.max_steps}: "
               "nothing to do (raise max_steps to train longer, or pass --no_resume)")
         return True
@@ -531,14 +533,15 @@ def draw_loss_curve(folder: str, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def loader(samples, t, fabric, start: int, stop: int, shuffle: bool, collate_fn=None, workers: int = 0):
-    """A DataLoader over samples[start:stop] (in seeded epochs when shuffle), this rank's share only.
+def loader(samples, t, fabric, start: int, stop: int | None, shuffle: bool, collate_fn=None, workers: int = 0):
+    """A DataLoader over samples[start:stop] (in seeded epochs when shuffle), this rank's share only; stop
+    None: to the end (endless when shuffle: a time-boxed run, which max_time ends).
 
     The sampler hands rank r the samples start+r, start+r+world, ...: sharding happens once, here. A
     generator of its own keeps the DataLoader from drawing on the global random state (dropout's).
     """
     dataset = ShuffledPasses(samples, t.seed) if shuffle else samples
-    sampler = StridedSampler(start, stop, fabric.global_rank, fabric.world_size)
+    sampler = StridedSampler(start, len(dataset) if stop is None else stop, fabric.global_rank, fabric.world_size)
     return torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=shuffle,
                                        num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
                                        generator=torch.Generator())
@@ -616,8 +619,9 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
     flops_per_token = network.flops_per_token(t.seq_len)
     peak = run.peak_flops = matmul_peak_flops(fabric.device)
     samples_per_step = t.micro_batch_size * t.grad_accum_steps * world
-    batches = iter(loader(train_samples, t, fabric, state.step * samples_per_step, t.max_steps * samples_per_step,
-                          shuffle=True, collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
+    end = None if t.max_steps is None else t.max_steps * samples_per_step  # None: time-boxed, no last sample
+    batches = iter(loader(train_samples, t, fabric, state.step * samples_per_step, end, shuffle=True,
+                          collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
     lock = claim_run_folder(fabric, folder, fresh=state.step == 0)  # before anything touches the folder
     stop = StopSignal(announce=fabric.is_global_zero)
     try:
@@ -639,7 +643,7 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
         started, time_before, start_step = time.monotonic(), state.train_time, state.step
         log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
         grad_norms = []  # the global gradient norm of each step since the last log line, before clipping
-        while state.step < t.max_steps:
+        while t.max_steps is None or state.step < t.max_steps:
             # 1. The learning rate of this step: the one place it is set.
             lr_scale = lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale)
             for name, optimizer in optimizers.items():
@@ -690,14 +694,16 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
                 tok_s = (state.tokens_seen - log_tokens) / max(now - log_start, 1e-9)
                 sup_s = (state.supervised_seen - log_supervised) / max(now - log_start, 1e-9)
                 mfu = tok_s * flops_per_token / peak / world
-                eta = (now - started) / max(state.step - start_step, 1) * (t.max_steps - state.step)
+                eta = math.inf  # time-boxed (max_steps null): only max_time's rest, below
+                if t.max_steps is not None:
+                    eta = (now - started) / max(state.step - start_step, 1) * (t.max_steps - state.step)
                 if t.max_time:
                     eta = min(eta, max(0.0, t.max_time - state.train_time))
                 lr = next(iter(optimizers.values())).param_groups[0]["lr"]
                 if fabric.is_global_zero:
                     # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
                     sup_text = f"{sup_s:,.0f} supervised tok/s | " if run.kind == "sft" else ""
-                    print(f"step {state.step}/{t.max_steps} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
+                    print(f"{step_of(state.step, t)} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
                           f"grad norm {grad_norm:.3f} | "
                           f"{tok_s:,.0f} tok/s | {sup_text}MFU {100 * mfu:.1f}% | "
                           f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
@@ -711,13 +717,13 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
 
             # 6. Validation every val_every steps: log it, keep the best weights, cut the LR or stop on a plateau.
             early_stop = False
-            if state.step % t.val_every == 0:
+            if t.val_every and state.step % t.val_every == 0:
                 early_stop = run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
 
             # 7. A checkpoint every save_every steps (after this step's validation, so that it records it), and
             #    when a signal asks to stop.
             interrupted = stopping and not last_step
-            if state.step % t.save_every == 0 or interrupted:
+            if t.save_every and state.step % t.save_every == 0 or interrupted:
                 save(fabric, run, f"epoch={int(epochs(run, state) or 0)}-step={state.step}.ckpt", model,
                      optimizers, state)
                 if fabric.is_global_zero:
@@ -750,13 +756,27 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
     return 0
 
 
+def step_of(step: int, t) -> str:
+    """'step 40/100' for the log lines; 'step 40 (time-boxed: 180 s)' when max_time alone ends the run."""
+    if t.max_steps is None:
+        return f"step {step} (time-boxed: {t.max_time:g} s)"
+    return f"step {step}/{t.max_steps}"
+
+
+def step_budget(t, epochs_per_step: float) -> str:
+    """The plan's '1000 steps = 2.35 epochs', or, when max_time alone ends the run, its time."""
+    if t.max_steps is None:
+        return f"time-boxed: {t.max_time:g} s, no step limit (a step = {epochs_per_step:.4f} epochs)"
+    return f"{t.max_steps} steps = {t.max_steps * epochs_per_step:.2f} epochs"
+
+
 def run_validation(fabric, run: Run, model, optimizers, val_samples, state: TrainState, collate_fn) -> bool:
     """Validate, log, draw the loss curve, save best.ckpt on a new best, apply plateau rules; True = stop early."""
     t = run.cfg.training
     val_loss, val_acc = validate(fabric, model, val_samples, t, collate_fn)
     state.last_val_loss, state.validated_at = val_loss, state.step
     if fabric.is_global_zero:
-        print(f"step {state.step}/{t.max_steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f} "
+        print(f"{step_of(state.step, t)} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f} "
               f"| val_acc {val_acc:.3f}", flush=True)
     fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen, "val_loss": val_loss,
                      "val_ppl": math.exp(min(val_loss, 50)), "val_acc": val_acc, "elapsed_s": state.train_time},

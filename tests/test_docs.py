@@ -2,7 +2,8 @@
 command blocks a reader is told to run do run and print what the docs say they print.
 
 - docs/CONFIG_REFERENCE.md lists exactly the keys of config.py's dataclasses and model.ModelConfig,
-  with their types and defaults, and every key it lists is read somewhere outside config.py.
+  with their types, defaults and allowed values (schema.allowed of each declaration), explains every
+  choice of a Literal key, and every key it lists is read somewhere outside config.py.
 - Attribute reads of config keys in the scripts (`cfg.training.lr`, `t.lr` in train.py, ...) name
   keys that exist (so a key the code reads cannot be missing from the reference).
 - README.md's project map names only files that exist, and every top-level .py/.yaml file.
@@ -41,6 +42,7 @@ import yaml
 from conftest import ROOT
 
 import config
+import schema
 from model import ModelConfig
 
 SECTIONS = {"model": ModelConfig, "training": config.Training, "hardware": config.Hardware,
@@ -55,27 +57,19 @@ DERIVED_DEFAULTS = {"model.vocab_size": None, "model.max_seq_len": None}
 # ---------------------------------------------------------------------------------------------
 
 
-def type_name(hint) -> str:
-    """How the reference writes a type: int, float or null, int or str, list."""
-    if typing.get_origin(hint) is typing.Union:
-        args = typing.get_args(hint)
-        names = [type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names + (["null"] if type(None) in args else []))
-    return "list" if hint is list or typing.get_origin(hint) is list else hint.__name__
-
-
 def code_keys() -> dict:
-    """'section.key' -> (type name, default) for every key a config file may set."""
+    """'section.key' -> (type name, default, type hint) for every key a config file may set."""
     keys = {}
 
     def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            keys[prefix + f.name] = (type_name(hints[f.name]), DERIVED_DEFAULTS.get(prefix + f.name, default))
+            keys[prefix + f.name] = (schema.type_name(hints[f.name]), DERIVED_DEFAULTS.get(prefix + f.name, default),
+                                     hints[f.name])
 
     for section, cls in SECTIONS.items():
         walk(cls, f"{section}.")
@@ -83,7 +77,7 @@ def code_keys() -> dict:
 
 
 def reference_rows() -> dict:
-    """'section.key' -> {type, default, meaning, read_by} from the tables of docs/CONFIG_REFERENCE.md."""
+    """'section.key' -> {type, default, allowed, meaning, read_by} from the tables of docs/CONFIG_REFERENCE.md."""
     rows, section = {}, None
     for line in (ROOT / "docs" / "CONFIG_REFERENCE.md").read_text().splitlines():
         heading = re.match(r"## `(\w+)`", line)
@@ -93,17 +87,22 @@ def reference_rows() -> dict:
         if section and cells:
             key = f"{section}.{cells[0].strip('`')}"
             assert key not in rows, f"{key} is listed twice"
-            rows[key] = {"type": cells[1], "default": cells[2].strip("`"), "meaning": cells[3], "read_by": cells[4]}
+            rows[key] = {"type": cells[1], "default": cells[2].strip("`"), "allowed": cells[3], "meaning": cells[4],
+                         "read_by": cells[5]}
     return rows
 
 
-def test_config_reference_lists_every_key_with_its_type_and_default():
+def test_config_reference_lists_every_key_with_its_type_default_and_allowed_values():
     code, doc = code_keys(), reference_rows()
     assert sorted(set(code) - set(doc)) == [], "keys in the code but not in docs/CONFIG_REFERENCE.md"
     assert sorted(set(doc) - set(code)) == [], "keys in docs/CONFIG_REFERENCE.md that the code does not define"
-    for key, (type_, default) in code.items():
+    for key, (type_, default, hint) in code.items():
         row = doc[key]
         assert row["type"] == type_, f"{key}: the reference says {row['type']}, the code {type_}"
+        allowed = schema.allowed(hint)
+        assert row["allowed"] == allowed, f"{key}: the reference allows '{row['allowed']}', the code '{allowed}'"
+        for choice in typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ():
+            assert f"`{choice}`" in row["meaning"], f"{key}: the meaning does not explain the choice `{choice}`"
         written = yaml.safe_load(row["default"])
         if isinstance(default, float) and isinstance(written, str):
             written = float(written)  # YAML reads 1e-05 as a string
@@ -127,7 +126,7 @@ def test_every_documented_key_is_read_outside_config_py():
 
 def test_config_keys_read_by_the_scripts_exist():
     """`cfg.training.x`, `t.x` (t = cfg.training in train.py/finetune.py), `hw.x`, `data.x` in data.py."""
-    known = set(code_keys()) | {"model.given"}  # config.Model.given(): a method, not a key
+    known = set(code_keys())
     reads = []
     for path in list(ROOT.glob("*.py")) + list(ROOT.glob("benchmarks/*.py")):
         text = path.read_text()

@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -128,7 +129,7 @@ def test_cache_off_tokenizes_every_time(monkeypatch):
 def test_time_budget_schedule_follows_the_clock():
     from training import lr_multiplier
 
-    t = Training(max_steps=10**6, max_time=100.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    t = Training(max_steps=None, max_time=100.0, warmup_ratio=0.1, min_lr_ratio=0.1)  # time-boxed: the clock alone
     assert lr_multiplier(0, t, elapsed=5.0) == pytest.approx(0.5)  # half-way through the warm-up
     assert lr_multiplier(0, t, elapsed=10.0) == pytest.approx(1.0)  # peak when warm-up time is over
     assert lr_multiplier(0, t, elapsed=55.0) == pytest.approx(0.55)  # cosine mid-point: (1 + 0.1) / 2
@@ -164,19 +165,24 @@ def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
         assert state.step == 6
         assert (state.train_time, state.schedule_offset) == ((0.0, 6) if reset else (trained, 0))
 
-    cfg = load_config(str(write_config(tmp_path, {"training": {"max_time": 100.0, "max_steps": 10**6}})))
+    cfg = load_config(str(write_config(tmp_path, {"training": {"max_time": 100.0, "max_steps": None}})))
     assert training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 100.5}}), cfg.training)
     assert not training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 60.0}}), cfg.training)
 
 
-def test_training_stops_when_time_is_up(tmp_path):
+def test_training_stops_when_time_is_up(tmp_path, capsys):
+    """A time-boxed run (max_steps null) with validation and checkpoints off until the end (null)."""
     import train
 
-    config = write_config(tmp_path, {"training": {"max_steps": 10**6, "max_time": 2.0, "val_every": 10**6,
-                                                  "save_every": 10**6, "log_every": 10**6}})
+    config = write_config(tmp_path, {"training": {"max_steps": None, "max_time": 2.0, "val_every": None,
+                                                  "save_every": None, "log_every": 10**6}})
     assert train.main(["--config", str(config), "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     meta = read_meta(str(tmp_path / "checkpoints" / "final.ckpt"))
-    assert 2.0 <= meta["train_time"] < 60 and 0 < meta["step"] < 10**6
+    assert 2.0 <= meta["train_time"] < 60 and meta["step"] > 0
+    out = capsys.readouterr().out
+    assert "time-boxed: 2 s, no step limit" in out  # the plan
+    assert re.findall(r"^step (\d+) \(time-boxed: 2 s\) \| val_loss", out, re.M) == [str(meta["step"])]  # once, at the end
+    assert not list((tmp_path / "checkpoints").glob("epoch=*.ckpt"))  # no periodic checkpoint
     assert meta["matmul_peak_flops"] > 0
     assert meta["val_loss"] is not None  # the final weights were validated once
 
