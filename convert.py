@@ -33,9 +33,10 @@ import os
 import torch
 
 from checkpoint import atomic_write, check_weights, load_checkpoint, model_config_of, save_checkpoint
-from config import UsageError, check_output_file, config_from_dict, run_cli
-from data import format_instruction, load_tokenizer, read_text, tokenizer_for_checkpoint, tokenizer_setting
+from cli import UsageError, check_output_file, read_text, run_cli
+from config import config_from_dict
 from model import ModelConfig
+from tokenizer import format_instruction, load_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 
 # ---------------------------------------------------------------------------------------------
 # Parameter names: ours <-> Hugging Face Llama/Mistral (the tensors themselves need no change)

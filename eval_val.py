@@ -31,9 +31,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model, pick_device
-from config import UsageError, apply_overrides, config_from_dict, load_config, run_cli
-from data import PackedWindows, load_tokens, split_documents, tokenizer_for_checkpoint
+from checkpoint import load_model
+from cli import UsageError, pick_device, run_cli
+from config import apply_overrides, config_from_dict, load_config
+from data import PackedWindows, load_tokens
+from sources import split_documents
+from tokenizer import tokenizer_for_checkpoint
 
 
 def text_bytes(token_ids: list[int], tokenizer) -> int:

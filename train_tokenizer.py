@@ -26,7 +26,7 @@ import json
 import os
 
 from checkpoint import atomic_write
-from config import UsageError, read_text, run_cli
+from cli import UsageError, read_text, run_cli
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

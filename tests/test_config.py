@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from config import UsageError, load_config, model_config
+from cli import UsageError
+from config import load_config, model_config
 from conftest import run_script, write_config
 
 

@@ -16,9 +16,9 @@ import evaluate_checkpoints
 import finetune
 import infer
 from checkpoint import load_checkpoint, load_model, save_checkpoint
-from config import UsageError
-from data import format_instruction, load_tokenizer
+from cli import UsageError
 from model import ModelConfig, Transformer
+from tokenizer import format_instruction, load_tokenizer
 from conftest import ROOT, run_script
 
 transformers = pytest.importorskip("transformers")

@@ -15,11 +15,14 @@ import pytest
 import torch
 
 import data as data_module
+import sources
 import train_tokenizer
-from config import Data, UsageError
+from cli import UsageError
+from config import Data
 from conftest import ROOT
-from data import (PackedWindows, ShuffledPasses, StridedSampler, cache_key, is_hub_name, iter_documents, iter_records,
-                  load_tokenizer, load_tokens, split_documents, tokenize_documents)
+from data import PackedWindows, ShuffledPasses, StridedSampler, cache_key, load_tokens, tokenize_documents
+from sources import is_hub_name, iter_documents, iter_records, split_documents, split_records
+from tokenizer import load_tokenizer
 
 SAMPLE = "Hello world! Ünïcödé, emoji 🙂, tabs\tand  double  spaces.\nNew line<|endoftext|>after EOS 12345"
 
@@ -126,8 +129,10 @@ def write_hub_cache(cache):
 OFFLINE_PROBE = textwrap.dedent("""
     import json, os, sys, time
     import train  # imports Lightning, which imports huggingface_hub: HF_HUB_OFFLINE is read there, and was unset
-    from config import Data, UsageError
-    from data import iter_documents, load_tokenizer, split_documents
+    from cli import UsageError
+    from config import Data
+    from sources import iter_documents, split_documents
+    from tokenizer import load_tokenizer
 
     def timed(what):
         start = time.perf_counter()
@@ -300,7 +305,7 @@ def test_records_keep_where_they_came_from(tmp_path):
     assert next(iter_records(Data(dataset=str(write_source(tmp_path, "json")))))[0] == f"{tmp_path}/docs.json[0]"
     where, row = next(iter_records(Data(dataset=str(write_source(tmp_path, "parquet")))))
     assert where == f"{tmp_path}/docs.parquet row 0" and row == {"text": DOCS[0], "n": 0}
-    train, val, how = split_documents(Data(dataset=str(write_source(tmp_path, "csv")), val_docs=2), records=True)
+    train, val, how = split_records(Data(dataset=str(write_source(tmp_path, "csv")), val_docs=2))
     assert [r["n"] for _, r in train] == list(range(6)) and [r["n"] for _, r in val] == [6, 7]
     assert "last 2 records" in how
 
@@ -414,8 +419,8 @@ def test_parts_are_lazy_and_independent(tmp_path, monkeypatch):
     docs = [f"doc {i}" for i in range(10)]
     path = write_lines(tmp_path / "c.txt", docs)
     calls = []
-    real = data_module.read_text
-    monkeypatch.setattr(data_module, "read_text", lambda p: calls.append(p) or real(p))
+    real = sources.read_text
+    monkeypatch.setattr(sources, "read_text", lambda p: calls.append(p) or real(p))
     train, val, _ = split_documents(Data(dataset=str(path), val_docs=3))
     assert calls == []  # nothing read yet
     assert list(val) == docs[7:] and len(calls) == 1  # val alone (eval_val.py, or training's tokens cached)
