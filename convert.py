@@ -36,7 +36,7 @@ from checkpoint import atomic_write, check_weights, load_checkpoint, model_confi
 from cli import UsageError, check_output_file, read_text, run_cli
 from config import config_from_dict
 from model import ModelConfig
-from tokenizer import format_instruction, load_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
+from tokenizer import format_instruction, load_tokenizer, save_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 
 # ---------------------------------------------------------------------------------------------
 # Parameter names: ours <-> Hugging Face Llama/Mistral (the tensors themselves need no change)
@@ -189,19 +189,13 @@ def write_tokenizer(tokenizer, out: str, max_seq_len: int, chat_template) -> dic
 
     The tokenizer the checkpoint carries (exactly the one it was trained with) is saved as tokenizer.json,
     with a tokenizer_config.json for the generic fast tokenizer class, which adds no special tokens, like
-    data.py. It also says which inputs the model takes (transformers 4.x would otherwise hand
+    tokenizer.py. It also says which inputs the model takes (transformers 4.x would otherwise hand
     `token_type_ids` to generate, which fails), its context length, and the chat template.
     """
     bos, eos = special_tokens(tokenizer)
-    config_path = os.path.join(out, "tokenizer_config.json")
-    tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
-                "unk_token": eos, "pad_token": eos, "clean_up_tokenization_spaces": False,
-                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_seq_len}
-    if chat_template:
-        settings["chat_template"] = chat_template
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    save_tokenizer(out, tokenizer.backend, eos_token=eos, bos_token=bos, pad_token=eos, unk_token=eos,
+                   chat_template=chat_template, model_input_names=["input_ids", "attention_mask"],
+                   model_max_length=max_seq_len)
     bos_id = tokenizer.backend.token_to_id(bos) if bos else None
     return {"bos_token_id": bos_id, "eos_token_id": tokenizer.eos_id}
 

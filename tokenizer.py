@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 
+from checkpoint import atomic_write  # the project's one writer: temporary file, fsync, rename
 from cli import UsageError, first_line, read_text
 from sources import cached_snapshot, check_hub_reachable, is_hub_name, is_offline
 
@@ -166,17 +167,17 @@ def _from_transformers(hf, spec: str) -> Tokenizer:
 
 
 def save_tokenizer(folder: str, backend, eos_token: str, bos_token: str | None = None, pad_token: str | None = None,
-                   unk_token: str | None = None, **settings) -> None:
+                   unk_token: str | None = None, chat_template: str | None = None, **settings) -> None:
     """tokenizer_config.json, then tokenizer.json, in `folder`: what load_tokenizer(folder) and
     transformers.AutoTokenizer both read, offline. Each file is written atomically (never half a file).
 
     The generic fast tokenizer class adds no special tokens on encode, like Tokenizer.encode.
-    settings: more tokenizer_config.json keys (chat_template, model_max_length, ...).
+    settings: more tokenizer_config.json keys (model_max_length, model_input_names, ...).
     """
-    from checkpoint import atomic_write  # the project's one writer: temporary file, fsync, rename
-
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "bos_token": bos_token,
               "pad_token": pad_token, "unk_token": unk_token, "clean_up_tokenization_spaces": False, **settings}
+    if chat_template:
+        config["chat_template"] = chat_template
     atomic_write(os.path.join(folder, "tokenizer_config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
     atomic_write(os.path.join(folder, "tokenizer.json"), lambda f: f.write(backend.to_str(pretty=True).encode()))
 
