@@ -7,7 +7,7 @@ Examples:
     python eval_val.py --ckpt checkpoints/final.ckpt --split test        # a Hub dataset's test split instead
 
 Only the validation documents are tokenized (or taken from training's token cache), chosen by
-`data.split_documents`: the same held-out definition training used, so the number here is the one
+`sources.split_documents`: the same held-out definition training used, so the number here is the one
 training logged (run with `--max-batches training.val_batches` to score exactly the windows
 training scored).
 

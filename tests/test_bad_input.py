@@ -198,7 +198,7 @@ ROWS = [
     ("eval_val.py", "--ckpt {work}/model.ckpt --config {work}/dup_key.yaml", r"duplicate key 'training\.lr'"),
     ("train.py", "--config {work}/empty.yaml", r"empty\.yaml is empty: a config needs at least one section"),
     ("train.py", "--config {work}/list.yaml", r"list\.yaml must contain a mapping of sections"),
-    # Data files and sources (data.py): one line naming the file and the line, before any training.
+    # Data files and sources (sources.py): one line naming the file and the line, before any training.
     ("train.py", "--config {work}/config.yaml --set data.dataset={work}/latin1.txt",
      r"latin1\.txt:2: not UTF-8 text \(byte 0xe9\): save it as UTF-8"),
     ("train.py", "--config {work}/config.yaml --set data.dataset={work}/nul.txt",

@@ -384,7 +384,8 @@ def test_training_lags_the_reader_by_exactly_val_docs(tmp_path):
 
 def test_records_are_split_by_the_same_rule_as_documents(tmp_path):
     source = write_source(tmp_path, "jsonl")
-    for settings in ({"val_docs": 3}, {"val_docs": 3, "train_docs": 2}, {"val_dataset": str(write_source(tmp_path, "csv"))}):
+    other = str(write_source(tmp_path, "csv"))
+    for settings in ({"val_docs": 3}, {"val_docs": 3, "train_docs": 2}, {"val_dataset": other}):
         texts = [list(part) for part in split_documents(Data(dataset=str(source), **settings))[:2]]
         records = [[r["text"] for _, r in part] for part in split_records(Data(dataset=str(source), **settings))[:2]]
         assert records == texts, settings
