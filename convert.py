@@ -93,7 +93,7 @@ def hf_config_kwargs(c: ModelConfig) -> dict:
 
 
 # The instruction template as a chat template. __HEAD__, __INPUT__ and __RESPONSE__ stand for the literal
-# text of data.format_instruction (filled in by instruction_chat_template). Every tag strips the
+# text of tokenizer.format_instruction (filled in by instruction_chat_template). Every tag strips the
 # whitespace around it ({%- -%}), so the layout below adds nothing to what it renders.
 CHAT_TEMPLATE = r"""
 {%- if messages and messages[0].role == 'system' -%}
@@ -126,7 +126,7 @@ CHAT_TEMPLATE = r"""
 
 
 def instruction_chat_template() -> str:
-    """data.format_instruction as a Jinja chat template, its literal text taken from the function itself.
+    """tokenizer.format_instruction as a Jinja chat template, its literal text taken from the function itself.
 
     format_instruction(I) = HEAD + I + RESPONSE and format_instruction(I, N) = HEAD + I + INPUT + N + RESPONSE,
     so rendering it around marker strings yields HEAD ("### Instruction:\n"), INPUT ("\n\n### Input:\n")
@@ -381,7 +381,7 @@ def to_gguf(args) -> int:
     writer.add_eos_token_id(tokenizer.eos_id)
     if bos:
         writer.add_bos_token_id(tokenizer.backend.token_to_id(bos))
-    writer.add_add_bos_token(False)  # like data.py: text is encoded as it is
+    writer.add_add_bos_token(False)  # like tokenizer.py: text is encoded as it is
     writer.add_add_eos_token(False)
     if template:
         writer.add_chat_template(template)
