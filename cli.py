@@ -123,7 +123,7 @@ def decode_text(raw: bytes, path: str, first_line: int = 1) -> str:
     return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
 
 
-def first_line(error: Exception) -> str:
+def first_line_of(error: Exception) -> str:
     """The first line of an error a library raised, for a one-line message that quotes it."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 

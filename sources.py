@@ -22,7 +22,7 @@ import re
 import socket
 from typing import Iterator
 
-from cli import UsageError, decode_text, first_line, open_file, read_text
+from cli import UsageError, decode_text, first_line_of, open_file, read_text
 
 # ---------------------------------------------------------------------------------------------
 # The held-out split: one rule, for documents and records alike
@@ -426,6 +426,6 @@ def _datasets_errors(message: str):
     try:
         yield
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:  # OSError: also ConnectionError, FileNotFound
-        raise UsageError(message.format(error=first_line(e))) from None
+        raise UsageError(message.format(error=first_line_of(e))) from None
     finally:
         datasets.logging.set_verbosity(verbosity)

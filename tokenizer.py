@@ -17,8 +17,9 @@ import json
 import os
 
 from checkpoint import atomic_write  # the project's one writer: temporary file, fsync, rename
-from cli import UsageError, first_line, read_text
+from cli import UsageError, first_line_of, read_text
 from sources import cached_snapshot, check_hub_reachable, is_hub_name, is_offline
+
 
 class Tokenizer:
     """Text <-> token ids through a Hugging Face `tokenizers` backend, whatever its origin.
@@ -83,7 +84,7 @@ def load_tokenizer(name: str, offline: bool = False) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(where)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
-        raise UsageError(f"tokenizer {name!r} {problem} [{first_line(e)}]") from None
+        raise UsageError(f"tokenizer {name!r} {problem} [{first_line_of(e)}]") from None
     return _from_transformers(hf, name)
 
 
@@ -117,7 +118,7 @@ def _tokenizer_from_folder(folder: str, spec: str) -> Tokenizer:
         try:
             backend = Backend.from_str(read_text(path))
         except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
-            raise UsageError(f"{path} is damaged or not a tokenizer file ({first_line(e)}): write it again "
+            raise UsageError(f"{path} is damaged or not a tokenizer file ({first_line_of(e)}): write it again "
                              "(train_tokenizer.py --overwrite) or copy the folder again") from None
         eos = _eos_from_folder(folder, backend)
         if eos is None:
@@ -130,7 +131,7 @@ def _tokenizer_from_folder(folder: str, spec: str) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError, ...) for a bad folder
         raise UsageError(f"tokenizer folder {folder} holds no readable tokenizer ({type(e).__name__}: "
-                         f"{first_line(e)}): it needs tokenizer.json, or a Hugging Face tokenizer's files") from None
+                         f"{first_line_of(e)}): it needs tokenizer.json, or a Hugging Face tokenizer's files") from None
     return _from_transformers(hf, spec)
 
 
@@ -193,7 +194,7 @@ def tokenizer_for_checkpoint(ckpt: dict, name: str = "auto", offline: bool = Fal
         try:
             tok = Tokenizer.from_dict(ckpt["tokenizer"])
         except Exception as e:  # a damaged entry: `tokenizers` raises a bare Exception
-            raise UsageError(f"the tokenizer stored in this checkpoint is damaged ({first_line(e)}): pass "
+            raise UsageError(f"the tokenizer stored in this checkpoint is damaged ({first_line_of(e)}): pass "
                              "--tokenizer NAME with the one it was trained with") from None
     else:
         spec = meta.get("tokenizer") if name == "auto" else name

@@ -22,7 +22,7 @@ from sources import HoldOutLast, is_hub_name, iter_documents, iter_records, spli
 from tokenizer import load_tokenizer
 
 
-# --- the Hub -------------------------------------------------------------------------------------
+# --- the Hub -----------------------------------------------------------------------------------
 
 
 def test_hub_names_and_local_paths(tmp_path, monkeypatch):
