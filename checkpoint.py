@@ -1,4 +1,4 @@
-"""Checkpoint files and device choice, shared by every script.
+"""Checkpoint files, shared by every script.
 
 A `.ckpt` file is a `torch.save`d dict written by training.py (through Lightning Fabric) or by
 convert.py. Every script reads the same entries:
@@ -8,7 +8,7 @@ convert.py. Every script reads the same entries:
                 val_loss, n_params, model_config, config (the full YAML config), tokenizer (its name)
                 and tokenizer_sha256 (its content)
     tokenizer   the tokenizer itself (its tokenizer.json text and EOS token), so that a checkpoint
-                works anywhere, offline, with nothing beside it (see data.tokenizer_for_checkpoint)
+                works anywhere, offline, with nothing beside it (see tokenizer.tokenizer_for_checkpoint)
 
 A training checkpoint also holds the optimizer's state (under the optimizer's name, e.g. "adamw"), the
 random generator's state ("rng") and, inside meta, "train_state": what resuming needs.
@@ -30,7 +30,7 @@ import os
 import shutil
 import zipfile
 
-from config import UsageError
+from cli import UsageError
 
 META_SUFFIX = ".json"
 
@@ -217,28 +217,8 @@ def read_meta(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices and models
+# Models
 # ---------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str = "auto", strict: bool = True):
-    """auto -> cuda, then mps, then cpu. An unavailable device is an error (strict) or falls back to cpu."""
-    import torch
-
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if name == "gpu":
-        name = "cuda"
-    if name not in available:
-        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if not available[name]:
-        if strict:
-            raise UsageError(f"device {name} is not available on this machine: use --device auto or cpu")
-        print(f"warning: {name} is not available on this machine; using cpu instead")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def load_model(path: str, device="cpu", dtype=None):

@@ -12,94 +12,25 @@ Each key's type declares the values it allows (`Literal[...]` choices, `Range` b
 the check, its error message and the "allowed" column of docs/CONFIG_REFERENCE.md all come from it.
 `validate` keeps the rules that tie keys together. The `model` section is model.ModelConfig's fields.
 
-This module imports no torch, so light scripts (list.py) can use `UsageError` and `run_cli`.
+This module imports no torch, so light scripts (list.py) can read a config; the command-line contract
+(UsageError, run_cli, exit codes) is cli.py's.
 """
 
 import dataclasses
 import difflib
-import errno
 import importlib.util
-import math
 import os
-import signal
-import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Union, get_type_hints
 
 import yaml
 
 import schema
+from cli import UsageError, read_text
 from schema import NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 # training.loggers: the packages a logger needs (any one of them), checked before a run starts; csv needs none.
 LOGGER_PACKAGES = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"], "mlflow": ["mlflow"]}
-
-
-class UsageError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a container stop, a scheduler), raised like Ctrl-C's KeyboardInterrupt so that the same
-    clean-up runs. (The training loop catches both signals itself to save a checkpoint first.)"""
-
-
-EXIT_USAGE, EXIT_SYSTEM = 2, 3  # docs/TROUBLESHOOTING.md lists every exit code
-SYSTEM_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                 errno.EPERM: "operation not permitted"}
-
-
-def run_cli(main):
-    """Run `main()` as a command, every failure the user can act on as ONE line on stderr:
-
-    UsageError                               error: ...                     exit 2
-    disk full, read-only, no permission      error: ... while writing FILE  exit 3
-    out of memory                            error: out of memory ...       exit 3
-    Ctrl-C / SIGTERM (outside training)      interrupted                    exit 130 / 143
-    """
-    def terminate(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt as e:
-        print("\ninterrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-    except OSError as e:
-        if e.errno not in SYSTEM_ERRORS:
-            raise
-        print(f"error: {SYSTEM_ERRORS[e.errno]} while writing {e.filename or 'a file'}: free some space or pick "
-              "a writable folder; files written before (earlier checkpoints) are intact", file=sys.stderr)
-        sys.exit(EXIT_SYSTEM)
-    except (MemoryError, RuntimeError) as e:
-        if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # torch's, on a GPU
-                or "can't allocate memory" in str(e)):  # torch's CPU allocator
-            raise
-        print("error: out of memory: lower training.micro_batch_size (raise grad_accum_steps to keep the batch), "
-              "seq_len or the model size", file=sys.stderr)
-        sys.exit(EXIT_SYSTEM)
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """An output file a script will write at the end: its folder must exist now, and it must not be a folder,
-    so that a mistake costs nothing (checked before any work starts)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a folder: give a file name")
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist: create it first")
-
-
-def reject_non_finite(args) -> None:
-    """Refuse nan/inf in any float command-line flag (argparse's float() accepts them): one line, exit 2."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @dataclass
@@ -312,42 +243,6 @@ def parse_override(text: str):
         return key.strip().split("."), yaml.safe_load(value)
     except yaml.YAMLError:
         return key.strip().split("."), value
-
-
-# ---------------------------------------------------------------------------------------------
-# Text files: the one reader of UTF-8 text (configs, data, tokenizer files, train_tokenizer.py's input)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_text(path: str) -> str:
-    """The text of a UTF-8 file. Not UTF-8, or binary (a NUL byte), is a one-line UsageError naming the line."""
-    with open_file(path) as f:
-        return decode_text(f.read(), path)
-
-
-def open_file(path: str):
-    """open(path, "rb"), or a one-line UsageError (permissions, a broken link, a folder where a file was expected)."""
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror or type(e).__name__}): check the file and its "
-                         "permissions") from None
-
-
-def decode_text(raw: bytes, path: str, first_line: int = 1) -> str:
-    """raw bytes of `path` (starting at line `first_line`) as text, or a UsageError that names the line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save it as UTF-8 (a parquet or "
-                         "csv file needs its own extension)") from None
-    if "\x00" in text:
-        line = first_line + raw.count(b"\n", 0, raw.index(b"\x00"))
-        raise UsageError(f"{path}:{line}: binary data (a NUL byte), not text: name a text file (a parquet or csv "
-                         "file needs its own extension)")
-    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text  # drop a byte-order mark
-
 
 
 def read_yaml(path: str) -> dict:

@@ -33,9 +33,10 @@ import os
 import torch
 
 from checkpoint import atomic_write, check_weights, load_checkpoint, model_config_of, save_checkpoint
-from config import UsageError, check_output_file, config_from_dict, run_cli
-from data import format_instruction, load_tokenizer, read_text, tokenizer_for_checkpoint, tokenizer_setting
+from cli import UsageError, check_output_file, read_text, run_cli
+from config import config_from_dict
 from model import ModelConfig
+from tokenizer import format_instruction, load_tokenizer, save_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 
 # ---------------------------------------------------------------------------------------------
 # Parameter names: ours <-> Hugging Face Llama/Mistral (the tensors themselves need no change)
@@ -92,7 +93,7 @@ def hf_config_kwargs(c: ModelConfig) -> dict:
 
 
 # The instruction template as a chat template. __HEAD__, __INPUT__ and __RESPONSE__ stand for the literal
-# text of data.format_instruction (filled in by instruction_chat_template). Every tag strips the
+# text of tokenizer.format_instruction (filled in by instruction_chat_template). Every tag strips the
 # whitespace around it ({%- -%}), so the layout below adds nothing to what it renders.
 CHAT_TEMPLATE = r"""
 {%- if messages and messages[0].role == 'system' -%}
@@ -125,7 +126,7 @@ CHAT_TEMPLATE = r"""
 
 
 def instruction_chat_template() -> str:
-    """data.format_instruction as a Jinja chat template, its literal text taken from the function itself.
+    """tokenizer.format_instruction as a Jinja chat template, its literal text taken from the function itself.
 
     format_instruction(I) = HEAD + I + RESPONSE and format_instruction(I, N) = HEAD + I + INPUT + N + RESPONSE,
     so rendering it around marker strings yields HEAD ("### Instruction:\n"), INPUT ("\n\n### Input:\n")
@@ -188,19 +189,13 @@ def write_tokenizer(tokenizer, out: str, max_seq_len: int, chat_template) -> dic
 
     The tokenizer the checkpoint carries (exactly the one it was trained with) is saved as tokenizer.json,
     with a tokenizer_config.json for the generic fast tokenizer class, which adds no special tokens, like
-    data.py. It also says which inputs the model takes (transformers 4.x would otherwise hand
+    tokenizer.py. It also says which inputs the model takes (transformers 4.x would otherwise hand
     `token_type_ids` to generate, which fails), its context length, and the chat template.
     """
     bos, eos = special_tokens(tokenizer)
-    config_path = os.path.join(out, "tokenizer_config.json")
-    tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
-                "unk_token": eos, "pad_token": eos, "clean_up_tokenization_spaces": False,
-                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_seq_len}
-    if chat_template:
-        settings["chat_template"] = chat_template
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    save_tokenizer(out, tokenizer.backend, eos_token=eos, bos_token=bos, pad_token=eos, unk_token=eos,
+                   chat_template=chat_template, model_input_names=["input_ids", "attention_mask"],
+                   model_max_length=max_seq_len)
     bos_id = tokenizer.backend.token_to_id(bos) if bos else None
     return {"bos_token_id": bos_id, "eos_token_id": tokenizer.eos_id}
 
@@ -386,7 +381,7 @@ def to_gguf(args) -> int:
     writer.add_eos_token_id(tokenizer.eos_id)
     if bos:
         writer.add_bos_token_id(tokenizer.backend.token_to_id(bos))
-    writer.add_add_bos_token(False)  # like data.py: text is encoded as it is
+    writer.add_add_bos_token(False)  # like tokenizer.py: text is encoded as it is
     writer.add_add_eos_token(False)
     if template:
         writer.add_chat_template(template)

@@ -7,7 +7,7 @@ Examples:
     python eval_val.py --ckpt checkpoints/final.ckpt --split test        # a Hub dataset's test split instead
 
 Only the validation documents are tokenized (or taken from training's token cache), chosen by
-`data.split_documents`: the same held-out definition training used, so the number here is the one
+`sources.split_documents`: the same held-out definition training used, so the number here is the one
 training logged (run with `--max-batches training.val_batches` to score exactly the windows
 training scored).
 
@@ -31,9 +31,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model, pick_device
-from config import UsageError, apply_overrides, config_from_dict, load_config, run_cli
-from data import PackedWindows, load_tokens, split_documents, tokenizer_for_checkpoint
+from checkpoint import load_model
+from cli import UsageError, pick_device, run_cli
+from config import apply_overrides, config_from_dict, load_config
+from data import PackedWindows, load_tokens
+from sources import split_documents
+from tokenizer import tokenizer_for_checkpoint
 
 
 def text_bytes(token_ids: list[int], tokenizer) -> int:

@@ -31,10 +31,11 @@ import os
 
 import torch
 
-from checkpoint import load_model, pick_device
-from config import UsageError, check_output_file, load_config, run_cli
-from data import tokenizer_for_checkpoint
+from checkpoint import load_model
+from cli import UsageError, check_output_file, pick_device, run_cli
+from config import load_config
 from model import KVCache
+from tokenizer import tokenizer_for_checkpoint
 
 CASE_KEYS = {"name", "prompt", "target"}
 GREEDY_TOKENS_WITHOUT_TARGET = 8  # what a case with no target shows of the model's own continuation

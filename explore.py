@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from tokenizers import decoders
 
 import infer
-from checkpoint import load_model, pick_device, read_meta
-from config import UsageError, run_cli
-from data import format_instruction, tokenizer_for_checkpoint
+from checkpoint import load_model, read_meta
+from cli import UsageError, pick_device, run_cli
 from eval_val import evaluate
 from plots import read_losses
+from tokenizer import format_instruction, tokenizer_for_checkpoint
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore_page")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),  # URL path -> file in PAGE_DIR: nothing else is served

@@ -13,7 +13,7 @@ What is trained on: each record {instruction, input (optional), output} becomes
     ### Instruction:\\n{instruction}\\n\\n[### Input:\\n{input}\\n\\n]### Response:\\n   <- prompt: labels -100
     {output}<|endoftext|>                                                     <- response + EOS: supervised
 
-The template is data.format_instruction, the same function infer.py uses. The model weights and
+The template is tokenizer.format_instruction, the same function infer.py uses. The model weights and
 architecture come from finetune.base_checkpoint; checkpoints go to training.checkpoint_dir
 (checkpoints/sft by default, never the pretraining folder) and are marked kind "sft".
 Running the same command again resumes, exactly as train.py does.
@@ -24,9 +24,12 @@ import os
 
 import training
 from checkpoint import check_weights, load_checkpoint, load_weights
-from config import UsageError, apply_overrides, config_from_dict, read_yaml, run_cli
-from data import ShuffledPasses, format_instruction, split_documents, tokenizer_for_checkpoint
+from cli import UsageError, run_cli
+from config import apply_overrides, config_from_dict, read_yaml
+from data import ShuffledPasses
 from model import ModelConfig, Transformer
+from sources import split_records
+from tokenizer import format_instruction, tokenizer_for_checkpoint
 
 SFT_CHECKPOINT_DIR = "checkpoints/sft"  # default training.checkpoint_dir here: SFT never mixes with pretraining
 
@@ -74,7 +77,7 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
 
 
 def check_record(item) -> tuple[str, str, str, str]:
-    """(where, instruction, input, output) of one (where, record) pair from data.iter_records, or a UsageError naming where."""
+    """(where, instruction, input, output) of one (where, record) pair from sources.iter_records, or a UsageError naming where."""
     where, record = item
     if not isinstance(record, dict):
         raise UsageError(f"{where}: expected a JSON object with 'instruction' and 'output', got {record!r:.60}")
@@ -89,8 +92,8 @@ def check_record(item) -> tuple[str, str, str, str]:
 
 
 def load_records(data):
-    """(train, val, how): checked records, held out by data.split_documents (the one held-out rule)."""
-    train, val, how = split_documents(data, records=True)  # (where, record) pairs from data.iter_records
+    """(train, val, how): checked records, held out by sources.split_records (the one held-out rule)."""
+    train, val, how = split_records(data)  # (where, record) pairs from sources.iter_records
     return [check_record(r) for r in train], [check_record(r) for r in val], how
 
 

@@ -32,10 +32,10 @@ import time
 
 import torch
 
-from checkpoint import load_model, pick_device, read_meta
-from config import UsageError, reject_non_finite, run_cli
-from data import format_instruction, tokenizer_for_checkpoint
+from checkpoint import load_model, read_meta
+from cli import UsageError, pick_device, reject_non_finite, run_cli
 from model import KVCache
+from tokenizer import format_instruction, tokenizer_for_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INSTRUCTION_STOP = "### Instruction:"  # an SFT model that starts a new instruction has finished its answer

@@ -30,7 +30,7 @@ import os
 import time
 
 from checkpoint import read_meta  # imports torch only for a checkpoint without a sidecar of its own
-from config import UsageError, check_output_file, run_cli
+from cli import UsageError, check_output_file, run_cli
 
 TAG_NAMES = ("best", "last", "final")
 COLUMNS = [("file", "file"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"), ("tokens_seen", "tokens"),

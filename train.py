@@ -20,9 +20,12 @@ import math
 import os
 
 import training
-from config import UsageError, load_config, model_config, run_cli
-from data import PackedWindows, load_tokenizer, load_tokens, split_documents
+from cli import UsageError, run_cli
+from config import load_config, model_config
+from data import PackedWindows, load_tokens
 from model import Transformer
+from sources import split_documents
+from tokenizer import load_tokenizer
 
 
 def parse_args(argv=None):

@@ -10,9 +10,9 @@ nothing is ever unknown; it then merges the most frequent adjacent pairs until t
 `--vocab-size` entries. A small vocabulary fitted to one corpus makes a small model cheaper: the
 embedding and output layers shrink, and each token still covers a few bytes.
 
-The folder holds tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json
-naming the EOS token, so data.load_tokenizer(DIR) and transformers.AutoTokenizer both load it;
-checkpoints record the folder's absolute path, so `--tokenizer auto` finds it again. An existing
+The folder holds tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json naming
+the EOS token, written by tokenizer.save_tokenizer, so tokenizer.load_tokenizer(DIR) and
+transformers.AutoTokenizer both load it; checkpoints record the folder's absolute path, so `--tokenizer auto` finds it again. An existing
 folder that is not empty is refused unless --overwrite: retraining changes the ids under every model
 trained with it. Each file is written atomically (temporary file, fsync, rename), so a crash or a
 full disk never leaves a truncated tokenizer.json.
@@ -22,11 +22,10 @@ Compression is reported in bytes per token on held-out text: --heldout FILE, or 
 """
 
 import argparse
-import json
 import os
 
-from checkpoint import atomic_write
-from config import UsageError, read_text, run_cli
+from cli import UsageError, read_text, run_cli
+from tokenizer import save_tokenizer
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -68,14 +67,6 @@ def bytes_per_token(tokenizer, text: str) -> float:
     return len(text.encode("utf-8")) / max(n_tokens, 1)
 
 
-def save(tokenizer, folder: str) -> None:
-    """tokenizer_config.json, then tokenizer.json, each through checkpoint.atomic_write (never half a file)."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
-              "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False}
-    atomic_write(os.path.join(folder, "tokenizer_config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-    atomic_write(os.path.join(folder, "tokenizer.json"), lambda f: f.write(tokenizer.to_str(pretty=True).encode()))
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s) to learn from")
@@ -110,7 +101,7 @@ def main(argv=None):
     if not text.strip():
         raise UsageError("the input text is empty: pass a file with text to --input")
     tokenizer = train_bpe(text, args.vocab_size)
-    save(tokenizer, args.out)
+    save_tokenizer(args.out, tokenizer, eos_token=EOS, pad_token=PAD)
     print(f"saved {args.out}: {tokenizer.get_vocab_size()} tokens, trained on {len(text.encode('utf-8')):,} bytes; "
           f"{bytes_per_token(tokenizer, heldout):.3f} bytes/token on {where}")
     print(f"use it: --set data.tokenizer_name={os.path.abspath(args.out)}")

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, pick_device, read_meta, save_checkpoint
-from config import UsageError
+from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from cli import UsageError, pick_device
 from data import ShuffledPasses, StridedSampler
 
 EXIT_DIVERGED = 1  # the loss or the weights became inf/nan (the last good checkpoint is kept)

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import load_tokenizer  # noqa: E402  (after the path line, so the script runs from anywhere)
+from tokenizer import load_tokenizer  # noqa: E402  (after the path line, so the script runs from anywhere)
 
 
 def start_server(ckpt: str, threads: int) -> tuple[subprocess.Popen, int]:

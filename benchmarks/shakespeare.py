@@ -33,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import UsageError, reject_non_finite, run_cli  # noqa: E402  (light: no torch)
+from cli import UsageError, reject_non_finite, run_cli  # noqa: E402  (light: no torch)
 
 CONFIG = os.path.join(ROOT, "config_shakespeare.yaml")  # the learner's recipe, with the benchmark's own paths
 # Seconds of the budget not given to training.max_time: train.py's start-up (imports, tokenizer, peak
@@ -156,7 +156,7 @@ def main(argv=None):
 def evaluate_run(folder: str, val_txt: str) -> str:
     """Score the final checkpoint on the validation text; the summary line without the wall time."""
     from checkpoint import load_model
-    from data import tokenizer_for_checkpoint
+    from tokenizer import tokenizer_for_checkpoint
 
     model, ckpt = load_model(os.path.join(folder, "ckpt", "final.ckpt"), "cpu")
     meta = ckpt["meta"]

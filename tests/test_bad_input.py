@@ -1,6 +1,6 @@
 """Bad input, table-driven: every script answers a mistake with ONE line naming the problem and the fix.
 
-Each row runs a script's `main(argv)` in this process, wrapped in config.run_cli exactly as
+Each row runs a script's `main(argv)` in this process, wrapped in cli.run_cli exactly as
 `python SCRIPT.py ...` does, and checks: exit code 2, stderr is a single `error: ...` line that
 matches the row's pattern (the problem and the fix), no traceback, and no file in the work folder
 created, changed or removed. A few rows also run as real subprocesses to prove the same from the
@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-import config
+import cli
 import convert
 import eval_val
 import evaluate_checkpoints
@@ -24,7 +24,8 @@ import infer
 import list as list_script
 import train
 import train_tokenizer
-from checkpoint import pick_device, save_checkpoint
+from checkpoint import save_checkpoint
+from cli import pick_device
 from conftest import ROOT, run_script, write_config
 from model import ModelConfig, Transformer
 
@@ -197,7 +198,7 @@ ROWS = [
     ("eval_val.py", "--ckpt {work}/model.ckpt --config {work}/dup_key.yaml", r"duplicate key 'training\.lr'"),
     ("train.py", "--config {work}/empty.yaml", r"empty\.yaml is empty: a config needs at least one section"),
     ("train.py", "--config {work}/list.yaml", r"list\.yaml must contain a mapping of sections"),
-    # Data files and sources (data.py): one line naming the file and the line, before any training.
+    # Data files and sources (sources.py): one line naming the file and the line, before any training.
     ("train.py", "--config {work}/config.yaml --set data.dataset={work}/latin1.txt",
      r"latin1\.txt:2: not UTF-8 text \(byte 0xe9\): save it as UTF-8"),
     ("train.py", "--config {work}/config.yaml --set data.dataset={work}/nul.txt",
@@ -304,7 +305,7 @@ def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
     def main():
         return SCRIPTS[script].main(argv)
     with pytest.raises(SystemExit) as exit_info:
-        config.run_cli(main)
+        cli.run_cli(main)
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -342,7 +343,7 @@ def test_training_asked_for_cuda_without_a_gpu_falls_back_with_a_warning(capsys)
     """train.py is lenient (hardware.accelerator: cuda runs on the CPU, saying so); infer.py's --device is strict."""
     assert pick_device("cuda", strict=False) == torch.device("cpu")
     assert "warning: cuda is not available on this machine; using cpu instead" in capsys.readouterr().out
-    with pytest.raises(config.UsageError, match="device cuda is not available"):
+    with pytest.raises(cli.UsageError, match="device cuda is not available"):
         pick_device("cuda", strict=True)
 
 

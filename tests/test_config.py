@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 import schema
-from config import Data, Hardware, Training, UsageError, load_config, model_config
+from cli import UsageError
+from config import Data, Hardware, Training, load_config, model_config
 from conftest import run_script, write_config
 
 
@@ -207,7 +208,7 @@ def test_the_keys_that_may_change_between_runs_are_one_list(tmp_path, tiny_run, 
     import finetune
     import training
     from checkpoint import read_meta
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     from model import ModelConfig
 
     meta = read_meta(str(tiny_run / "final.ckpt"))

@@ -16,9 +16,9 @@ import evaluate_checkpoints
 import finetune
 import infer
 from checkpoint import load_checkpoint, load_model, save_checkpoint
-from config import UsageError
-from data import format_instruction, load_tokenizer
+from cli import UsageError
 from model import ModelConfig, Transformer
+from tokenizer import format_instruction, load_tokenizer
 from conftest import ROOT, run_script
 
 transformers = pytest.importorskip("transformers")
@@ -151,7 +151,7 @@ def test_sliding_window_exports_as_mistral(tmp_path):
 
 
 def test_tokenizer_folder_round_trip(tmp_path):
-    """A local tokenizer folder is copied: AutoTokenizer on the export gives data.load_tokenizer's ids."""
+    """A local tokenizer folder is copied: AutoTokenizer on the export gives tokenizer.load_tokenizer's ids."""
     tok_dir, words = word_tokenizer_folder(tmp_path / "tok")
     save_tiny_checkpoint(tmp_path / "m.ckpt", str(tok_dir))
     convert.main(["to-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")])

@@ -43,12 +43,12 @@ def recording(loader, log_path):
 RECORDER = f'''
 import sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-import config, finetune, train, training
+import cli, finetune, train, training
 from test_distributed import recording
 
 training.loader = recording(training.loader, sys.argv[-1])
 script = {{"train.py": train, "finetune.py": finetune}}[sys.argv[1]]
-config.run_cli(lambda: script.main(sys.argv[2:-1]))
+cli.run_cli(lambda: script.main(sys.argv[2:-1]))
 '''
 
 

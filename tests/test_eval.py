@@ -16,10 +16,11 @@ import torch
 import eval_val
 import evaluate_checkpoints
 from checkpoint import load_model, read_meta, save_checkpoint
-from config import run_cli
+from cli import run_cli
 from conftest import run_script
-from data import PackedWindows, load_tokenizer, tokenize_documents
+from data import PackedWindows, tokenize_documents
 from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

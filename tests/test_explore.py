@@ -27,13 +27,13 @@ import time
 import pytest
 import torch
 
-import config
+import cli
 import explore
 import infer
 from checkpoint import load_model
 from conftest import ROOT, run_script, write_config
-from data import format_instruction, load_tokenizer
 from plots import read_losses
+from tokenizer import format_instruction, load_tokenizer
 
 TEXT = "The cat sat on the mat. Caf\u00e9 au lait, na\u00efve \U0001f916"  # 2-byte characters; the robot emoji is 3 tokens
 
@@ -364,7 +364,7 @@ def test_bad_start_up_input_exits_2_with_one_line(folder, tmp_path, capsys):
                           [["--ckpt", tmp_path / "damaged.ckpt", "--port", 0], "is not a readable checkpoint"],
                           [["--ckpt", folder / "final.ckpt", "--port", 70000], "--port must be from 0 to 65535"]):
         with pytest.raises(SystemExit) as stop:
-            config.run_cli(lambda: explore.main([str(a) for a in args]))
+            cli.run_cli(lambda: explore.main([str(a) for a in args]))
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     with socket.socket() as busy:  # from the outside, as a user sees it: a port already taken

@@ -20,9 +20,9 @@ import torch
 import train
 import training
 from checkpoint import load_checkpoint, read_meta
-from config import run_cli
+from cli import run_cli
 from conftest import ROOT, write_config
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 
 
 def start_training(config, *extra) -> subprocess.Popen:
@@ -266,7 +266,7 @@ def test_a_renamed_checkpoint_is_described_by_its_own_meta_not_a_stale_sidecar(t
 def test_corrupted_tensor_bytes_are_refused(tiny_ckpt, tmp_path):
     import zipfile
 
-    from config import UsageError
+    from cli import UsageError
 
     damaged = tmp_path / "damaged.ckpt"
     data = bytearray(tiny_ckpt.read_bytes())
@@ -289,7 +289,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_pa
     import errno
 
     import checkpoint
-    import config
+    import cli
 
     settings = {"training": {"max_steps": 6, "save_every": 2}}
     cfg_path = write_config(tmp_path, settings)
@@ -303,7 +303,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_pa
         return original(path, write)
     monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
     with pytest.raises(SystemExit) as exit_info:
-        config.run_cli(lambda: train.main(["--config", str(cfg_path)]))
+        cli.run_cli(lambda: train.main(["--config", str(cfg_path)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 3 and len(err[-1:]) == 1
     assert err[-1].startswith("error: no space left on device while writing ") and "intact" in err[-1]

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-import data
 import finetune
+import tokenizer
 import training
 from checkpoint import load_model, read_meta
+from cli import UsageError
 from conftest import ROOT, TINY_CONFIG, run_script
-from config import UsageError
-from data import format_instruction, load_tokenizer
+from tokenizer import format_instruction, load_tokenizer
 
 TOK = load_tokenizer("gpt2")
 
@@ -67,7 +67,7 @@ def test_prompt_is_encoded_as_inference_encodes_it():
 
 
 def test_one_template_shared_with_inference():
-    assert finetune.format_instruction is data.format_instruction
+    assert finetune.format_instruction is tokenizer.format_instruction
     code = (ROOT / "finetune.py").read_text().split('"""', 2)[2]  # all but the module docstring
     assert "### Instruction" not in code  # no second copy of the template
     if (ROOT / "infer.py").exists():

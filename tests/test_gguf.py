@@ -15,9 +15,9 @@ import torch
 
 import convert
 from checkpoint import load_checkpoint, save_checkpoint
-from config import UsageError
-from data import load_tokenizer
+from cli import UsageError
 from model import ModelConfig, Transformer, apply_rope, rope_cos_sin
+from tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

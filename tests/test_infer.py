@@ -11,9 +11,9 @@ import torch.nn as nn
 
 import infer
 from checkpoint import load_model, save_checkpoint
-from config import UsageError
-from data import load_tokenizer
+from cli import UsageError
 from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
 from tests.conftest import run_script
 
 MAX_SEQ_LEN = 32

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_model, read_meta
-from config import UsageError
+from cli import UsageError
 from conftest import ROOT, run_script
 
 

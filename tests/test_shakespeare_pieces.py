@@ -21,7 +21,9 @@ import shakespeare  # noqa: E402  (benchmarks/shakespeare.py)
 from checkpoint import read_meta  # noqa: E402
 import train_tokenizer  # noqa: E402
 from config import Data, Training  # noqa: E402
-from data import cache_key, load_tokenizer, load_tokens, split_documents  # noqa: E402
+from data import cache_key, load_tokens  # noqa: E402
+from sources import split_documents  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "data" / "tiny_corpus.txt"
 

@@ -15,8 +15,9 @@ import torch
 import train
 import training
 from checkpoint import load_checkpoint, read_meta
-from config import Training, UsageError
-from data import load_tokenizer
+from cli import UsageError
+from config import Training
+from tokenizer import load_tokenizer
 from conftest import ROOT, run_script, write_config
 
 
