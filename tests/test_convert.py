@@ -15,7 +15,8 @@ import eval_val
 import evaluate_checkpoints
 import finetune
 import infer
-from checkpoint import load_checkpoint, load_model, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from infer import load_model
 from config import UsageError
 from data import format_instruction, load_tokenizer
 from model import ModelConfig, Transformer

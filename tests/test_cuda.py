@@ -49,7 +49,8 @@ def test_kv_cache_on_the_gpu_equals_the_full_forward():
 
 def test_training_on_cuda_in_bf16_and_the_checkpoint_loads_on_the_cpu(tmp_path):
     import train
-    from checkpoint import load_model, read_meta
+    from checkpoint import read_meta
+    from infer import load_model
 
     config = write_config(tmp_path, {"hardware": {"accelerator": "cuda"}, "training": {"precision": "bf16-mixed"}})
     assert train.main(["--config", str(config)]) == 0

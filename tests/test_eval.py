@@ -15,7 +15,8 @@ import torch
 
 import eval_val
 import evaluate_checkpoints
-from checkpoint import load_model, read_meta, save_checkpoint
+from checkpoint import read_meta, save_checkpoint
+from infer import load_model
 from config import run_cli
 from conftest import run_script
 from data import PackedWindows, load_tokenizer, tokenize_documents

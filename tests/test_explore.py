@@ -30,7 +30,7 @@ import torch
 import config
 import explore
 import infer
-from checkpoint import load_model
+from infer import load_model
 from conftest import ROOT, run_script, write_config
 from data import format_instruction, load_tokenizer
 from plots import read_losses

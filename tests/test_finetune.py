@@ -15,7 +15,8 @@ import yaml
 import data
 import finetune
 import training
-from checkpoint import load_model, read_meta
+from checkpoint import read_meta
+from infer import load_model
 from conftest import ROOT, TINY_CONFIG, run_script
 from config import UsageError
 from data import format_instruction, load_tokenizer

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import infer
-from checkpoint import load_model, save_checkpoint
+from checkpoint import save_checkpoint
+from infer import load_model
 from config import UsageError
 from data import load_tokenizer
 from model import ModelConfig, Transformer

@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model, read_meta
+from checkpoint import load_checkpoint, read_meta
+from infer import load_model
 from config import UsageError
 from conftest import ROOT, run_script
 
