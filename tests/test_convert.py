@@ -74,7 +74,7 @@ def greedy_same_as_infer(hf, ours, prompt_ids, n_new, tokenizer):
     theirs = out[0, len(prompt_ids):].tolist()
     if tokenizer.eos_id in theirs:
         theirs = theirs[:theirs.index(tokenizer.eos_id)]
-    steps = infer.generate(ours, prompt_ids, n_new, {"temperature": 0}, [None], tokenizer.vocab_size)
+    steps = infer.generate(ours, prompt_ids, n_new, {"temperature": 0}, [None])
     mine = [tokens.item() for tokens, _ in steps]
     assert mine[:len(theirs)] == theirs
     assert len(theirs) == n_new or mine[len(theirs)] == tokenizer.eos_id
