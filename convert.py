@@ -358,9 +358,6 @@ def to_gguf(args) -> int:
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
     tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     tokens, token_types, merges = gguf_vocab(tokenizer)
-    if len(tokens) != config.vocab_size:  # llama.cpp reads one embedding row per token of the vocabulary
-        raise UsageError(f"tokenizer {tokenizer.spec!r} has {len(tokens)} tokens but the model {config.vocab_size}: "
-                         "GGUF needs the model's own tokenizer (leave --tokenizer out)")
     bos, _ = special_tokens(tokenizer)
     template = chat_template_for(meta)
 
@@ -403,7 +400,9 @@ def to_gguf(args) -> int:
             continue  # tied: llama.cpp uses token_embd as the output head when there is no output.weight
         weight = tensor.detach().to(torch.float32)
         if name in ("embed.weight", "lm_head.weight"):
-            weight = weight[:config.vocab_size]  # llama.cpp wants one row per token: our padding rows go
+            # llama.cpp wants one row per token: the vocab_size rows of the tokenizer, never our padding rows
+            # (fewer only for a file that stores no tokenizer, whose vocab_size is its row count)
+            weight = weight[:len(tokens)]
         if name.endswith("q_proj.weight"):
             weight = to_ggml_rope_layout(weight, config.n_heads)
         elif name.endswith("k_proj.weight"):

@@ -30,9 +30,9 @@ import torch
 import config
 import explore
 import infer
-from infer import load_model
 from conftest import ROOT, run_script, write_config
 from data import format_instruction, load_tokenizer
+from infer import load_model
 from plots import read_losses
 
 TEXT = "The cat sat on the mat. Caf\u00e9 au lait, na\u00efve \U0001f916"  # 2-byte characters; the robot emoji is 3 tokens
@@ -183,7 +183,7 @@ def test_next_token_bars_are_process_logits_of_the_models_logits(port, models, t
     assert answer["ids"] == ids and answer["text"] == TEXT
     full = {**{k: v["off"] for k, v in explore.SETTINGS.items()}, **settings}
     with torch.no_grad():
-        logits = models["final.ckpt"](torch.tensor([ids]))[:, -1, :tokenizer.vocab_size]
+        logits = models["final.ckpt"](torch.tensor([ids]))[:, -1]
     scores = infer.process_logits(logits, torch.tensor([ids]), **full)
     probs, model_probs = scores.softmax(-1)[0], logits.softmax(-1)[0]
     for row in answer["tokens"]:

@@ -16,10 +16,10 @@ import data
 import finetune
 import training
 from checkpoint import read_meta
-from infer import load_model
 from conftest import ROOT, TINY_CONFIG, run_script
 from config import UsageError
 from data import format_instruction, load_tokenizer
+from infer import load_model
 
 TOK = load_tokenizer("gpt2")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, read_meta
-from infer import load_model
 from config import UsageError
 from conftest import ROOT, run_script
+from infer import load_model
 
 
 class Payload:
