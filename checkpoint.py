@@ -1,4 +1,4 @@
-"""Checkpoint files, shared by every script.
+"""Checkpoint files (writing, reading, checking, migrating), shared by every script.
 
 A `.ckpt` file is a `torch.save`d dict written by training.py (through Lightning Fabric) or by
 convert.py. Every script reads the same entries:
@@ -17,6 +17,8 @@ Writes are atomic (temporary file, fsync, rename), so a killed process never lea
 checkpoint under a good name. Reads check everything before any script uses a file: the zip archive's
 own CRCs (so corrupted bytes are caught, not turned into garbage text), `weights_only=True` (loading a
 file can never run code from it), a meta that describes a model, and weights of exactly that model.
+A file from before the model padded its own vocabulary is migrated as it is read (load_checkpoint):
+every script sees today's format.
 
 Next to each checkpoint, `NAME.ckpt.json` repeats `meta` (so list.py can show a folder without importing
 torch) together with the checkpoint's fingerprint, a hash of its zip directory (every entry's name, size
@@ -157,19 +159,72 @@ def load_checkpoint(path: str, mmap: bool = True) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "meta" not in ckpt:
         raise UsageError(f"{path} is not a Tiny Transformer checkpoint (no state_dict/meta): "
                          "use a .ckpt written by train.py, finetune.py or convert.py")
-    model_config_of(ckpt["meta"], path)
+    config = model_config_of(ckpt["meta"], path)
+    if config.vocab_size % 64 == 0:  # only then can it be an old file's padded row count (see model_config_of)
+        config = model_config_of(ckpt["meta"], path, stored_tokenizer_size(ckpt, path))
+    ckpt["meta"]["model_config"]["vocab_size"] = config.vocab_size  # what every reader of this dict sees
+    ckpt["state_dict"] = fit_vocab_rows(ckpt["state_dict"], config)
     return ckpt
 
 
-def model_config_of(meta, where: str):
-    """The model.ModelConfig a checkpoint's meta describes, or a UsageError saying the meta is broken."""
+def model_config_of(meta, where: str, tokenizer_size: int | None = None):
+    """The model.ModelConfig a checkpoint's meta describes, or a UsageError saying the meta is broken.
+
+    Checkpoints from before the model padded its own vocabulary stored the padded row count as
+    vocab_size (e.g. 50304 for GPT-2's 50257 tokens). Given the size of the checkpoint's tokenizer,
+    vocab_size is read as min(stored, tokenizer_size): the tokenizer's size for those files, unchanged
+    for newer ones (their vocab_size is the tokenizer's size already). Without it the stored value stands.
+    """
     from model import ModelConfig
 
     try:
-        return ModelConfig(**meta["model_config"])
+        fields = dict(meta["model_config"])
+        if tokenizer_size is not None and isinstance(fields.get("vocab_size"), int):
+            fields["vocab_size"] = min(fields["vocab_size"], tokenizer_size)
+        return ModelConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{where}: its meta does not describe a model ({type(e).__name__}: {str(e)[:80]}): "
                          "the file is damaged or was not written by this project") from None
+
+
+def stored_tokenizer_size(ckpt: dict, where: str) -> int | None:
+    """Tokens of the tokenizer a checkpoint carries (added tokens included), or None if it carries none."""
+    saved = ckpt.get("tokenizer")
+    if not isinstance(saved, dict) or not isinstance(saved.get("tokenizer_json"), str):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(saved["tokenizer_json"]).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # a damaged entry: `tokenizers` raises a bare Exception
+        raise UsageError(f"{where}: the tokenizer stored in it is damaged ({str(e).splitlines()[0][:80]}): "
+                         "the file is damaged or was not written by this project") from None
+
+
+def fit_vocab_rows(state_dict: dict, config) -> dict:
+    """state_dict with the embedding and head cut or zero-padded to config.padded_vocab_size rows.
+
+    Lossless: rows past the tokenizer's vocabulary are never an input nor a target. For checkpoints padded
+    by another rule and for imported models (Hugging Face stores exactly one row per token). Tied weights
+    stay one tensor.
+    """
+    import torch
+
+    def fit(weight):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == rows:
+            return weight  # absent, damaged (check_weights names it) or already the right size
+        if weight.shape[0] > rows:
+            return weight[:rows]
+        return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
+    rows = config.padded_vocab_size
+    fitted = dict(state_dict)
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in fitted:
+            fitted[name] = fit(fitted[name])
+    if config.tie_embeddings and "embed.weight" in fitted and "lm_head.weight" in fitted:
+        fitted["lm_head.weight"] = fitted["embed.weight"]  # one tensor, as in the model
+    return fitted
 
 
 def check_weights(state_dict: dict, config, where: str) -> None:
@@ -217,27 +272,3 @@ def read_meta(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------
-
-
-def load_model(path: str, device="cpu", dtype=None):
-    """Build the model a checkpoint describes and load its weights.
-
-    Returns (model in eval mode, the checkpoint): ckpt["meta"] describes it, and
-    data.tokenizer_for_checkpoint(ckpt) gives the tokenizer it carries.
-    """""
-    import torch
-
-    from model import Transformer
-
-    ckpt = load_checkpoint(path)
-    model_config = model_config_of(ckpt["meta"], path)
-    model_config.gradient_checkpointing = False  # inference never needs it
-    # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
-    # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
-    model = Transformer(model_config)
-    load_weights(model, ckpt["state_dict"], path, assign=True)  # assign: use the file's (mmap'd) tensors
-    if model_config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), ckpt

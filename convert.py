@@ -27,12 +27,13 @@ only for to-gguf.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
 import torch
 
-from checkpoint import atomic_write, check_weights, load_checkpoint, model_config_of, save_checkpoint
+from checkpoint import atomic_write, check_weights, fit_vocab_rows, load_checkpoint, model_config_of, save_checkpoint
 from cli import UsageError, check_output_file, read_text, run_cli
 from config import config_from_dict
 from model import ModelConfig
@@ -66,14 +67,18 @@ def from_hf_name(hf_name: str) -> str | None:
     return None
 
 
-def to_hf_state_dict(our_state_dict: dict) -> dict:
-    """Rename our parameters to Hugging Face Llama/Mistral names; the tensors need no change.
+def to_hf_state_dict(our_state_dict: dict, config: ModelConfig) -> dict:
+    """Rename our parameters to Hugging Face Llama/Mistral names; only the vocabulary's padding goes.
 
     No transpose (both use nn.Linear's (out, in) layout) and no q/k permutation (both use the
-    "split halves" RoPE pairing). With tied embeddings both embed.weight and lm_head.weight
-    appear, holding the same tensor, as in our state dict.
+    "split halves" RoPE pairing). The embedding and head keep their first vocab_size rows: Hugging
+    Face's model has one row per token (ours pads them, see ModelConfig.padded_vocab_size). With tied
+    embeddings both embed.weight and lm_head.weight appear, holding the same tensor, as in our state dict.
     """
-    return {to_hf_name(name): tensor for name, tensor in our_state_dict.items()}
+    def rows_in_use(name, tensor):
+        return tensor[:config.vocab_size] if name in ("embed.weight", "lm_head.weight") else tensor
+
+    return {to_hf_name(name): rows_in_use(name, tensor) for name, tensor in our_state_dict.items()}
 
 
 def hf_config_kwargs(c: ModelConfig) -> dict:
@@ -238,7 +243,7 @@ def to_hf(args) -> int:
     tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     prepare_out_dir(args.out, args.overwrite)
 
-    weights = to_hf_state_dict(ckpt["state_dict"])
+    weights = to_hf_state_dict(ckpt["state_dict"], config)
     if config.tie_embeddings:
         del weights["lm_head.weight"]  # tied: stored once, as the embedding (tie_word_embeddings: true)
     weights = {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()}
@@ -249,11 +254,9 @@ def to_hf(args) -> int:
     hf = hf_config(config, special_ids)
     hf.save_pretrained(args.out)
     _add_legacy_rope_theta(os.path.join(args.out, "config.json"), config.rope_theta)
-    # Embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are no text:
-    # never generate them, as infer.py does. max_length: a plain generate/pipeline call stops at the context.
-    padded_rows = list(range(tokenizer.vocab_size, config.vocab_size))
-    GenerationConfig(**special_ids, pad_token_id=special_ids["eos_token_id"], max_length=config.max_seq_len,
-                     suppress_tokens=padded_rows or None).save_pretrained(args.out)
+    # max_length: a plain generate/pipeline call stops at the context.
+    GenerationConfig(**special_ids, pad_token_id=special_ids["eos_token_id"],
+                     max_length=config.max_seq_len).save_pretrained(args.out)
     print(f"wrote {args.out}: {type(hf).__name__} ({meta.get('kind')} checkpoint, step {meta.get('step')}, "
           f"{len(weights)} tensors), tokenizer {tokenizer.spec}" + (", chat template" if template else ""))
     return 0
@@ -392,7 +395,9 @@ def to_gguf(args) -> int:
             continue  # tied: llama.cpp uses token_embd as the output head when there is no output.weight
         weight = tensor.detach().to(torch.float32)
         if name in ("embed.weight", "lm_head.weight"):
-            weight = weight[:len(tokens)]  # llama.cpp wants one row per token; the padding rows are no text
+            # llama.cpp wants one row per token: the vocab_size rows of the tokenizer, never our padding rows
+            # (fewer only for a file that stores no tokenizer, whose vocab_size is its row count)
+            weight = weight[:len(tokens)]
         if name.endswith("q_proj.weight"):
             weight = to_ggml_rope_layout(weight, config.n_heads)
         elif name.endswith("k_proj.weight"):
@@ -571,7 +576,9 @@ def from_hf(args) -> int:
     if tokenizer.vocab_size > config.vocab_size:
         raise UsageError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}: pass the model's own tokenizer")
-    state_dict = from_hf_state_dict(read_hf_weights(folder), config)
+    # Ours: vocab_size is the tokenizer's (rows past it are no text), the rows padded (ModelConfig.padded_vocab_size).
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    state_dict = fit_vocab_rows(from_hf_state_dict(read_hf_weights(folder), config), config)
     check_weights(state_dict, config, folder)
     n_params = sum(t.numel() for k, t in state_dict.items() if not (k == "lm_head.weight" and config.tie_embeddings))
     meta = {"kind": "pretrain", "step": 0, "epoch": None, "tokens_seen": 0, "supervised_seen": 0,

@@ -19,6 +19,9 @@ What is reported:
 Byte count: every scored target token contributes the UTF-8 bytes of its text; an EOS token (the
 end of a document) counts as ONE byte, like the newline that ends a line in a text file. Its NLL
 is included in both the loss and the bpb, so val_bpb = val_loss / ln(2) * tokens / bytes exactly.
+
+`score_batch` is the project's one scorer: training's validation (training.validate), this script,
+explore.py's per-token surprise and evaluate_checkpoints.py's target NLL all score tokens with it.
 """
 
 import argparse
@@ -27,16 +30,43 @@ import json
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model
 from cli import UsageError, pick_device, run_cli
 from config import apply_overrides, config_from_dict, load_config
 from data import PackedWindows, load_tokens
+from infer import load_model
 from sources import split_documents
 from tokenizer import tokenizer_for_checkpoint
+
+
+class BatchScore(NamedTuple):
+    """How well the model predicts one batch's targets; the sums are tensors, so ranks can all-reduce them."""
+
+    nll_sum: torch.Tensor  # () summed negative log-likelihood of the labelled targets, in nats
+    tokens: torch.Tensor  # () labelled targets (labels -100 are not scored)
+    correct: torch.Tensor  # () labelled targets that are the model's most likely token
+    nll: torch.Tensor  # (B, T) each target's NLL, 0 where unlabelled
+
+
+def score_batch(model, x, y) -> BatchScore:
+    """Score next-token predictions: x (B, T) inputs, y (B, T) their targets, -100 = not scored."""
+    return score_logits(model(x), y)
+
+
+def score_logits(logits, y) -> BatchScore:
+    """score_batch for logits (B, T, vocab_size) already computed (evaluate_checkpoints.py also reads their top-k).
+
+    Summed, not averaged: a mean is taken once, over every token of every batch (and rank), so
+    batches with fewer labelled tokens weigh less, exactly as they should.
+    """
+    logits = logits.float()
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view(y.shape)
+    labelled = y != -100
+    return BatchScore(nll.sum(), labelled.sum(), (logits.argmax(-1) == y)[labelled].sum(), nll)
 
 
 def text_bytes(token_ids: list[int], tokenizer) -> int:
@@ -52,11 +82,12 @@ def text_bytes(token_ids: list[int], tokenizer) -> int:
 
 @torch.no_grad()
 def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | None = None,
-             device="cpu", progress: bool = False) -> dict:
+             device="cpu", progress: bool = False, token_nll: bool = False) -> dict:
     """Score (x, y) windows (e.g. data.PackedWindows) with `model`; labels -100 are not scored.
 
-    Returns {val_loss, val_ppl, val_bpb, tokens, bytes, nll_sum, batches, windows}. Windows are
-    scored in order, so consecutive PackedWindows give the bytes of one contiguous text.
+    Returns {val_loss, val_ppl, val_bpb, tokens, bytes, nll_sum, batches, windows}, and with token_nll
+    also "token_nll": each scored target's NLL, in order. Windows are scored in order, so consecutive
+    PackedWindows give the bytes of one contiguous text.
     """
     model.eval()
     n_windows = len(windows)
@@ -64,18 +95,18 @@ def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | 
         n_windows = min(n_windows, max_batches * batch_size)
     if n_windows == 0:
         raise UsageError("no validation windows to score: the held-out text is shorter than seq_len+1 tokens")
-    nll_sum, n_tokens, scored, batches = 0.0, 0, [], 0
+    nll_sum, n_tokens, scored, per_token, batches = 0.0, 0, [], [], 0
     start = time.time()
     for first in range(0, n_windows, batch_size):
         pairs = [windows[i] for i in range(first, min(first + batch_size, n_windows))]
         x = torch.stack([p[0] for p in pairs]).to(device)
         y = torch.stack([p[1] for p in pairs]).to(device)
-        logits = model(x)  # (B, T, vocab)
-        nll_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                   reduction="sum").item()  # summed, not averaged: the mean is taken once, over tokens
-        targets = y[y != -100]
-        n_tokens += targets.numel()
-        scored.extend(targets.tolist())
+        score = score_batch(model, x, y)
+        nll_sum += score.nll_sum.item()
+        n_tokens += int(score.tokens)
+        scored.extend(y[y != -100].tolist())
+        if token_nll:
+            per_token.extend(score.nll[y != -100].tolist())
         batches += 1
         if progress and sys.stderr.isatty():
             print(f"\rbatch {batches}/{math.ceil(n_windows / batch_size)} | {time.time() - start:.0f}s",
@@ -84,8 +115,9 @@ def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | 
         print(file=sys.stderr)
     n_bytes = text_bytes(scored, tokenizer)
     loss = nll_sum / n_tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_bpb": nll_sum / math.log(2) / n_bytes,
-            "tokens": n_tokens, "bytes": n_bytes, "nll_sum": nll_sum, "batches": batches, "windows": n_windows}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_bpb": nll_sum / math.log(2) / n_bytes,
+              "tokens": n_tokens, "bytes": n_bytes, "nll_sum": nll_sum, "batches": batches, "windows": n_windows}
+    return {**result, "token_nll": per_token} if token_nll else result
 
 
 def validation_windows(cfg, tokenizer, split: str | None = None):

@@ -12,8 +12,8 @@ A case file is a YAML or JSON list of {name?, prompt, target?}. Targets keep the
 folder (every .yaml/.yml/.json in it) or a comma-separated list of those; a case that appears in
 several files (same prompt and target) is reported and counted once.
 
-Each prompt is fed after an EOS token, the way every training document after the first began.
-Per case: the top-k next tokens and their probabilities, P(first target token), its rank, whether
+Each prompt is fed as infer.py feeds it (infer.start_ids: the text as written), so the ranking
+scores the conditioning users sample with; the target is scored by eval_val.py's scorer. Per case: the top-k next tokens and their probabilities, P(first target token), its rank, whether
 it is the top-1 token, the summed NLL of the whole target (teacher forcing), and whether greedy
 decoding (with the KV cache) reproduces the target's tokens exactly.
 Per checkpoint: token-weighted average NLL over all target tokens, its perplexity, top-1 accuracy
@@ -31,10 +31,10 @@ import os
 
 import torch
 
-from checkpoint import load_model
+import infer
 from cli import UsageError, check_output_file, pick_device, run_cli
 from config import load_config
-from model import KVCache
+from eval_val import score_logits
 from tokenizer import tokenizer_for_checkpoint
 
 CASE_KEYS = {"name", "prompt", "target"}
@@ -139,46 +139,39 @@ def load_cases(spec: str) -> tuple[list[dict], list[dict]]:
 
 
 @torch.no_grad()
-def greedy(model, prompt_ids: list[int], n_tokens: int, device) -> list[int]:
-    """The n_tokens greedy decoding adds after the prompt: one prefill, then one cached step per token."""
-    cache = KVCache(model.config, 1, device, next(model.parameters()).dtype)
-    n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt_ids))
-    logits = model(torch.tensor([prompt_ids], device=device), cache)
-    out = []
-    for _ in range(n_tokens):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if len(out) < n_tokens:
-            logits = model(torch.tensor([[token]], device=device), cache)
-    return out
+def score_case(model, head, tokenizer, case: dict, top_k: int, device) -> dict:
+    """Next-token top-k after the prompt; with a target: its NLL, first-token probability and rank, greedy match.
 
-
-@torch.no_grad()
-def score_case(model, tokenizer, case: dict, top_k: int, device) -> dict:
-    """Next-token top-k after the prompt; with a target: its NLL, first-token probability and rank, greedy match."""
-    prompt = [tokenizer.eos_id] + tokenizer.encode(case["prompt"])
+    head: infer.decode_head(model), for the greedy continuation (infer.generate).
+    """
+    prompt = infer.start_ids(tokenizer, case["prompt"])
     target = tokenizer.encode(case["target"]) if case["target"] else []
     room = model.config.max_seq_len - len(target)
     if room < 1:
         raise UsageError(f"case {case['name']}: its target alone has {len(target)} tokens, more than the model's "
                          f"max_seq_len {model.config.max_seq_len}: shorten it")
     prompt = prompt[-room:]  # a long prompt keeps its end, next to the target
-    logits = model(torch.tensor([prompt + target], device=device))[0].float()
-    logp = torch.log_softmax(logits[len(prompt) - 1:], dim=-1)  # row i predicts target token i
-    top = logp[0].topk(min(top_k, logp.shape[-1]))
+    ids = torch.tensor([prompt + target], device=device)
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prompt) - 1:-1] = ids[0, len(prompt):]  # position i predicts token i + 1: the target's tokens
+    logits = model(ids)  # (1, T, vocab_size)
+    first_logp = logits[0, len(prompt) - 1].float().log_softmax(-1)  # (vocab_size,) the next token after the prompt
+    top = first_logp.topk(min(top_k, first_logp.shape[-1]))
     result = {"name": case["name"], "prompt": case["prompt"], "target": case["target"],
               "top_k": [{"token": tokenizer.decode([int(i)]), "prob": math.exp(float(v))}
                         for v, i in zip(top.values, top.indices)]}
-    produced = greedy(model, prompt, len(target) or GREEDY_TOKENS_WITHOUT_TARGET, device)
+    steps = infer.generate(model, prompt, len(target) or GREEDY_TOKENS_WITHOUT_TARGET, {"temperature": 0}, [None],
+                           head=head)
+    produced = [int(tokens[0]) for tokens, _ in steps]
     result["greedy"] = tokenizer.decode(produced)
     if not target:
         return result
-    first = logp[0, target[0]]
+    first = first_logp[target[0]]
     result.update({
         "p_first": math.exp(float(first)),
-        "rank_first": int((logp[0] > first).sum()) + 1,  # 1 = the model's top choice
-        "top1_hit": bool((logp[0] > first).sum() == 0),
-        "target_nll": -float(logp[torch.arange(len(target)), torch.tensor(target)].sum()),
+        "rank_first": int((first_logp > first).sum()) + 1,  # 1 = the model's top choice
+        "top1_hit": bool((first_logp > first).sum() == 0),
+        "target_nll": float(score_logits(logits, labels).nll_sum),
         "target_tokens": len(target),
         "greedy_match": produced == target,
     })
@@ -200,12 +193,13 @@ def summarize(case_results: list[dict]) -> dict:
 
 def evaluate_checkpoint(entry: dict, cases: list[dict], tokenizer_name: str, top_k: int, device, tokenizers: dict,
                         force_tokenizer: bool = False) -> dict:
-    model, ckpt = load_model(entry["path"], device)
+    model, ckpt = infer.load_model(entry["path"], device)
+    head = infer.decode_head(model)  # once per checkpoint, for every case's greedy continuation
     meta = ckpt["meta"]
     key = (meta.get("tokenizer_sha256") or meta.get("tokenizer"), tokenizer_name, model.config.vocab_size)
     if key not in tokenizers:  # built once per tokenizer, checked against each vocabulary size
         tokenizers[key] = tokenizer_for_checkpoint(ckpt, tokenizer_name, force=force_tokenizer)
-    results = [score_case(model, tokenizers[key], case, top_k, device) for case in cases]
+    results = [score_case(model, head, tokenizers[key], case, top_k, device) for case in cases]
     return {"path": entry["path"], "aliases": entry["aliases"], "step": meta.get("step"), "kind": meta.get("kind"),
             **summarize(results), "case_results": results}
 

@@ -14,7 +14,8 @@ The page (explore_page/: one HTML, one CSS and one JavaScript file, nothing down
      that token, or step greedily, sample (seeded), or generate N tokens as they stream.
   2. Tokens and surprise: the tokenizer's pieces, ids and bytes, each token coloured by its loss under
      the model, and the text's bits per byte, scored by `eval_val.evaluate` exactly as eval_val.py
-     scores a held-out document (the first token has no context; the end of the text is scored as EOS).
+     scores a held-out document, in one forward (the first token has no context; the end of the text
+     is scored as EOS).
   3. Attention: any layer's and head's weights as a query x key heat map, recorded by the model itself
      (`model.Attention.record_weights`); the causal mask and a sliding window show as the exact zeros they are.
   4. The run: the checkpoint's facts, the run's loss curve (metrics.csv, read by `plots.read_losses`),
@@ -51,11 +52,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import torch
-import torch.nn.functional as F
 from tokenizers import decoders
 
 import infer
-from checkpoint import load_model, read_meta
+from checkpoint import read_meta
 from cli import UsageError, pick_device, run_cli
 from eval_val import evaluate
 from plots import read_losses
@@ -88,11 +88,15 @@ STAGES = [("repetition", "repetition_penalty"), ("temperature", "temperature"), 
 
 
 class Loaded:
-    """One checkpoint in memory: the model, its metadata and its tokenizer."""
+    """One checkpoint in memory: the model, its decoding head (infer.decode_head), its metadata and tokenizer.
+
+    Request threads share it and only read it: generation never changes the model.
+    """
 
     def __init__(self, path: str, device):
         # The only place explore.py loads a model: with what every other script uses, in the same way.
-        self.model, ckpt = load_model(path, device)
+        self.model, ckpt = infer.load_model(path, device)
+        self.head = infer.decode_head(self.model)
         self.meta = ckpt["meta"]
         self.tokenizer = tokenizer_for_checkpoint(ckpt)
         self.device = device
@@ -196,13 +200,11 @@ class Explorer:
             _, run = self.checkpoint(body)
             ids, tokenizer = prompt_ids(body, run), run.tokenizer
             # The text as one held-out document, scored as eval_val.py scores one: inputs = the tokens,
-            # targets = the same shifted by one and closed by EOS. evaluate gives the totals (bits per byte
-            # included); the per-token losses behind the colours are the same cross-entropy, unreduced.
+            # targets = the same shifted by one and closed by EOS. One forward gives the totals (bits per
+            # byte included) and the per-token losses behind the colours.
             x, y = torch.tensor(ids), torch.tensor(ids[1:] + [tokenizer.eos_id])
-            totals = evaluate(run.model, [(x, y)], tokenizer, batch_size=1, device=run.device)
-            with torch.inference_mode():
-                logits = run.model(x[None].to(run.device))[0].float()  # (T, vocab)
-            nll = F.cross_entropy(logits, y.to(run.device), reduction="none").tolist()  # nats, one per target
+            totals = evaluate(run.model, [(x, y)], tokenizer, batch_size=1, device=run.device, token_nll=True)
+            nll = totals["token_nll"]  # nats, one per target
 
         def surprise(loss):
             return {"nll": loss, "bits": loss / math.log(2), "p": math.exp(-loss)}
@@ -254,7 +256,7 @@ class Explorer:
         stops = [infer.INSTRUCTION_STOP] if "instruction" in body else []
         sampling = {**{k: v["off"] for k, v in SETTINGS.items()}, **settings, "no_repeat_ngram_size": 0}
         steps = infer.generate(run.model, ids, max_new_tokens, sampling, [torch.Generator(run.device).manual_seed(seed)],
-                               run.tokenizer.vocab_size)
+                               head=run.head)
 
         def lines():
             stream, started, count, reason = infer.TextStream(run.tokenizer, stops), time.perf_counter(), 0, "length"
@@ -302,8 +304,8 @@ class Explorer:
         """The model's next-token scores after ids, (vocab_size,) in fp32; cached, so a slider only re-filters."""
         key = (index, tuple(ids))
         if key not in self.logits_cache:
-            logits = run.model(torch.tensor([ids], device=run.device), last_only=True)[0, -1]
-            self.logits_cache[key] = logits[:run.tokenizer.vocab_size].float().cpu()  # no padding rows
+            logits = run.model(torch.tensor([ids], device=run.device), last_only=True)[0, -1]  # (vocab_size,)
+            self.logits_cache[key] = logits.float().cpu()
             if len(self.logits_cache) > 32:
                 self.logits_cache.popitem(last=False)
         self.logits_cache.move_to_end(key)
@@ -401,7 +403,7 @@ def check_settings(settings) -> dict:
 
 def prompt_ids(body: dict, run: Loaded) -> list[int]:
     """The request's text (tokenized) or token ids, checked against the vocabulary and the context window.
-    An empty text is the start of a fresh document: [EOS], as infer.py does."""
+    A text starts as infer.py starts it (infer.start_ids: an empty one is a fresh document, [EOS])."""
     if "text" in body and "ids" in body:
         raise UsageError("give text or ids, not both")
     limit = run.model.config.max_seq_len
@@ -416,7 +418,7 @@ def prompt_ids(body: dict, run: Loaded) -> list[int]:
         text = body.get("text", "")
         if not isinstance(text, str):
             raise UsageError(f"text must be a string, got {type(text).__name__}")
-        ids = run.tokenizer.encode(text) or [run.tokenizer.eos_id]
+        ids = infer.start_ids(run.tokenizer, text)
     if len(ids) > limit:
         raise UsageError(f"the text is {len(ids)} tokens long, longer than the model's context of {limit}: shorten it")
     return ids

@@ -23,6 +23,10 @@ How one token is chosen (read `process_logits`, it is the whole story):
 Generation runs the prompt through the model once (prefill), filling the KV cache, then feeds one
 new token per step. Only torch, tokenizers and this project's model code are imported, so the
 first token appears within a few seconds on a CPU.
+
+This file is also the home of "run a trained model" for every script: `load_model` (a checkpoint ->
+model), `start_ids` (how a prompt starts) and `generate` (the decoder); eval_val.py, explore.py and
+evaluate_checkpoints.py use these three.
 """
 
 import argparse
@@ -32,13 +36,46 @@ import time
 
 import torch
 
-from checkpoint import load_model, read_meta
+from checkpoint import load_checkpoint, load_weights, model_config_of, read_meta
 from cli import UsageError, pick_device, reject_non_finite, run_cli
-from model import KVCache
+from model import KVCache, Transformer
 from tokenizer import format_instruction, tokenizer_for_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INSTRUCTION_STOP = "### Instruction:"  # an SFT model that starts a new instruction has finished its answer
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model, and where its text starts
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(path: str, device="cpu", dtype=None):
+    """Build the model a checkpoint describes and load its weights.
+
+    Returns (model in eval mode, the checkpoint): ckpt["meta"] describes it, and
+    tokenizer.tokenizer_for_checkpoint(ckpt) gives the tokenizer it carries.
+    """
+    ckpt = load_checkpoint(path)
+    model_config = model_config_of(ckpt["meta"], path)
+    model_config.gradient_checkpointing = False  # inference never needs it
+    # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
+    # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
+    model = Transformer(model_config)
+    load_weights(model, ckpt["state_dict"], path, assign=True)  # assign: use the file's (mmap'd) tensors
+    if model_config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced the shared tensor: re-tie
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), ckpt
+
+
+def start_ids(tokenizer, text: str) -> list[int]:
+    """The token ids a text to continue starts from: its own tokens, or [EOS] when it is empty.
+
+    The one conditioning rule of every script (infer.py, explore.py, evaluate_checkpoints.py): a prompt is
+    continued as written, since in training text flows on across documents; an empty one starts a fresh
+    document, which in training began right after an EOS.
+    """
+    return tokenizer.encode(text) or [tokenizer.eos_id]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,14 +138,23 @@ def choose_tokens(scores, temperature, generators):
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
+def decode_head(model):
+    """The head generate decodes with: model.transposed_head() on a CPU (faster there, see it), else None.
+
+    A copy outside the model, made once per loaded model by whoever keeps the model (infer.main,
+    explore.Loaded) and passed to every generate call: the shared model itself is never changed.
+    """
+    return model.transposed_head() if next(model.parameters()).device.type == "cpu" else None
+
+
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, sampling, generators, vocab_size, banned_ids=()):
+def generate(model, prompt_ids, max_new_tokens, sampling, generators, banned_ids=(), head=None):
     """Yield (tokens, logprobs) per step: the next token of each row and its log-probability under the model.
 
     One row per generator: all rows continue the same prompt from ONE batched prefill, and row i
     uses only generators[i], so it equals a single-row run seeded like generators[i].
-    sampling: dict of process_logits' keyword arguments. vocab_size: the tokenizer's vocabulary
-    (the embedding may be padded beyond it; those rows have no text). banned_ids are never chosen.
+    sampling: dict of process_logits' keyword arguments. banned_ids are never chosen.
+    head: decode_head(model), made once by the caller; left out, it is made for this call.
     When the context window fills up, the most recent 3/4 of it is run through the model again
     (positions are relative under RoPE, so the text just continues) and decoding goes on.
     """
@@ -118,44 +164,23 @@ def generate(model, prompt_ids, max_new_tokens, sampling, generators, vocab_size
     ids = torch.tensor(prompt_ids, device=param.device).repeat(rows, 1)  # (rows, T) the whole text so far
     keep = config.max_seq_len - config.max_seq_len // 4  # tokens kept when the window is full
     cache = KVCache(config, rows, param.device, param.dtype)
-    head = model.lm_head
-    if param.device.type == "cpu":
-        model.lm_head = TransposedHead(head.weight)  # for the length of this generation (see TransposedHead)
-    try:
-        for step in range(max_new_tokens):
-            if step == 0 or cache.length == config.max_seq_len:
-                cache.length = 0  # (re)fill the cache from the most recent tokens in one forward
-                context = ids if ids.shape[1] < config.max_seq_len else ids[:, -keep:]
-                logits = model(context, cache, last_only=True)[:, -1]
-            else:
-                logits = model(ids[:, -1:], cache)[:, -1]  # the newest token only: the cache holds the rest
-            logits = logits[:, :vocab_size].float()  # (rows, vocab_size)
-            logprobs = logits.log_softmax(-1)
-            if banned_ids:
-                logits[:, list(banned_ids)] = float("-inf")
-            scores = process_logits(logits, ids, **sampling)
-            tokens = choose_tokens(scores, sampling["temperature"], generators)  # (rows,)
-            ids = torch.cat([ids, tokens[:, None]], dim=1)
-            yield tokens, logprobs.gather(1, tokens[:, None])[:, 0]
-    finally:
-        model.lm_head = head
-
-
-class TransposedHead(torch.nn.Module):
-    """The output head's matrix stored as a contiguous (d_model, vocab) copy: the same logits, faster to decode.
-
-    A decode step multiplies ONE vector by the head, and on a CPU that product streams this layout ~2-3x
-    faster than nn.Linear's (vocab, d_model) one (3.2 vs 7.5 ms for GPT-2's 50k vocabulary at d_model 256,
-    measured here), which makes most of a small model's decode time. generate puts it in place of
-    model.lm_head while it runs, so the model's own forward (logit soft-capping included) is unchanged.
-    """
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight_t = weight.t().contiguous()  # (d_model, vocab)
-
-    def forward(self, x):
-        return x @ self.weight_t
+    if head is None:
+        head = decode_head(model)
+    for step in range(max_new_tokens):
+        if step == 0 or cache.length == config.max_seq_len:
+            cache.length = 0  # (re)fill the cache from the most recent tokens in one forward
+            context = ids if ids.shape[1] < config.max_seq_len else ids[:, -keep:]
+            logits = model(context, cache, last_only=True, head_t=head)[:, -1]
+        else:
+            logits = model(ids[:, -1:], cache, head_t=head)[:, -1]  # the newest token only: the cache holds the rest
+        logits = logits.float()  # (rows, vocab_size)
+        logprobs = logits.log_softmax(-1)
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
+        scores = process_logits(logits, ids, **sampling)
+        tokens = choose_tokens(scores, sampling["temperature"], generators)  # (rows,)
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        yield tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +335,10 @@ def sampling_settings(args) -> dict:
             "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
 
 
-def complete(model, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
+def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
     """Generate args.num_samples continuations of prompt_ids; returns (texts, ppls).
 
-    With stream_to (a file), the single sample is written there piece by piece as it is generated.
+    head: decode_head(model). With stream_to (a file), the single sample is written there piece by piece.
     A row finishes at the end-of-text token, at a stop string, or after --max-new-tokens tokens.
     """
     rows = args.num_samples
@@ -323,8 +348,7 @@ def complete(model, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
     nll, counts, done = [0.0] * rows, [0] * rows, [False] * rows
     banned = [tokenizer.eos_id] if args.disable_eos else []
     started = time.perf_counter()
-    steps = generate(model, prompt_ids, args.max_new_tokens, sampling_settings(args), generators,
-                     tokenizer.vocab_size, banned)
+    steps = generate(model, prompt_ids, args.max_new_tokens, sampling_settings(args), generators, banned, head)
     for tokens, logprobs in steps:
         for i, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
             if done[i]:
@@ -358,16 +382,15 @@ def context_note(prompt_len: int, args, max_seq_len: int) -> None:
               f"of {max_seq_len}; the most recent tokens are kept", file=sys.stderr)
 
 
-def run_once(model, tokenizer, args, instruct: bool, seed: int) -> int:
-    text = format_instruction(args.prompt) if instruct else args.prompt
-    prompt_ids = tokenizer.encode(text) or [tokenizer.eos_id]  # empty prompt: start like a new document
+def run_once(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
+    prompt_ids = start_ids(tokenizer, format_instruction(args.prompt) if instruct else args.prompt)
     context_note(len(prompt_ids), args, model.config.max_seq_len)
     stops = args.stop + ([INSTRUCTION_STOP] if instruct else [])
     stream = args.num_samples == 1
     if stream and not instruct:
         sys.stdout.write(args.prompt)  # a base model continues the text: show it whole
         sys.stdout.flush()
-    texts, ppls = complete(model, tokenizer, prompt_ids, args, seed, stops, sys.stdout if stream else None)
+    texts, ppls = complete(model, head, tokenizer, prompt_ids, args, seed, stops, sys.stdout if stream else None)
     if not stream:
         for i, completion in enumerate(texts):
             print(f"--- sample {i + 1} (seed {seed + i}) ---")
@@ -380,7 +403,7 @@ def run_once(model, tokenizer, args, instruct: bool, seed: int) -> int:
     return 0
 
 
-def chat(model, tokenizer, args, instruct: bool, seed: int) -> int:
+def chat(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
     """REPL. Instruct mode keeps earlier turns (dropping the oldest when the context fills)."""
     if args.num_samples != 1:
         raise UsageError("--interactive shows one reply per turn: drop --num-samples")
@@ -403,10 +426,10 @@ def chat(model, tokenizer, args, instruct: bool, seed: int) -> int:
         if not line.strip():
             continue
         if not instruct:
-            prompt_ids = tokenizer.encode(line)
+            prompt_ids = start_ids(tokenizer, line)
             context_note(len(prompt_ids), args, max_len)
             sys.stdout.write(line)
-            complete(model, tokenizer, prompt_ids, args, seed, args.stop, sys.stdout)
+            complete(model, head, tokenizer, prompt_ids, args, seed, args.stop, sys.stdout)
             print()
             continue
         turn = tokenizer.encode(format_instruction(line))
@@ -418,7 +441,8 @@ def chat(model, tokenizer, args, instruct: bool, seed: int) -> int:
             print("(oldest turns forgotten to stay within the context window)", file=sys.stderr)
         prompt_ids = [t for past in turns for t in past] + turn
         context_note(len(prompt_ids), args, max_len)
-        (reply,), _ = complete(model, tokenizer, prompt_ids, args, seed, args.stop + [INSTRUCTION_STOP], sys.stdout)
+        (reply,), _ = complete(model, head, tokenizer, prompt_ids, args, seed, args.stop + [INSTRUCTION_STOP],
+                               sys.stdout)
         print()
         turns.append(turn + tokenizer.encode(reply) + [tokenizer.eos_id])
 
@@ -440,9 +464,10 @@ def main(argv=None) -> int:
     print(f"{meta.get('kind')} checkpoint, step {meta.get('step')}, {meta.get('n_params')} parameters, "
           f"{device.type} {args.dtype}, tokenizer {tokenizer.spec}, seed {seed}"
           + (", instruction template on" if instruct else ""), file=sys.stderr)
+    head = decode_head(model)  # once: every turn of --interactive decodes with it
     if args.interactive:
-        return chat(model, tokenizer, args, instruct, seed)
-    return run_once(model, tokenizer, args, instruct, seed)
+        return chat(model, head, tokenizer, args, instruct, seed)
+    return run_once(model, head, tokenizer, args, instruct, seed)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ optimizer, resume, the loop (training.fit), the final checkpoint.
 """
 
 import argparse
-import math
 import os
 
 import training
@@ -46,11 +45,10 @@ def main(argv=None) -> int:
 
     # 2. The tokenizer fixes the vocabulary, which fixes the model's shape; then the checkpoint to resume from.
     tokenizer = load_tokenizer(cfg.data.tokenizer_name, cfg.data.offline)
-    vocab_size = 64 * math.ceil(tokenizer.vocab_size / 64)  # padded: matmuls run faster on multiples of 64
-    model_cfg = model_config(cfg, vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UsageError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} tokens: remove model.vocab_size to size it automatically")
+    model_cfg = model_config(cfg, tokenizer.vocab_size)  # the model pads its own rows (ModelConfig.padded_vocab_size)
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size {model_cfg.vocab_size} is not the tokenizer's {tokenizer.vocab_size} "
+                         "tokens: remove model.vocab_size (it follows the tokenizer)")
     resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
         t.checkpoint_dir, model_cfg, tokenizer, "pretrain")
     if training.already_done(resume, t):

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, model_config_of, read_meta, save_checkpoint
 from cli import UsageError, pick_device
 from data import ShuffledPasses, StridedSampler
+from eval_val import score_batch
 
 EXIT_DIVERGED = 1  # the loss or the weights became inf/nan (the last good checkpoint is kept)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's codes for these signals
@@ -330,7 +331,8 @@ def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
     if not candidates:
         return None
     step, _, path, meta = max(candidates, key=lambda c: (c[0], c[1]))
-    theirs, ours = meta["model_config"], vars(model_config)
+    # Compared as load_checkpoint reads it: a file from before the model padded its own vocabulary is migrated.
+    theirs, ours = vars(model_config_of(meta, path, tokenizer.vocab_size)), vars(model_config)
     for key in ours:
         if key not in model_config.ADJUSTABLE and theirs.get(key) != ours[key]:
             raise UsageError(f"cannot resume from {path}: its model.{key} is {theirs.get(key)}, the config says "
@@ -557,12 +559,8 @@ def validate(fabric, model, val_samples, t, collate_fn=None) -> tuple[float, flo
     n = min(len(val_samples), t.val_batches * t.micro_batch_size * fabric.world_size)
     totals = torch.zeros(3, device=fabric.device)  # summed NLL, correct top-1 predictions, labelled tokens
     for x, y in loader(val_samples, t, fabric, 0, n, shuffle=False, collate_fn=collate_fn):
-        x, y = x.to(fabric.device), y.to(fabric.device)
-        logits = model(x)  # (B, T, vocab)
-        labelled = y != -100
-        totals += torch.stack([F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                               reduction="sum"),
-                               (logits.argmax(-1) == y)[labelled].sum().float(), labelled.sum().float()])
+        score = score_batch(model, x.to(fabric.device), y.to(fabric.device))  # eval_val.py's scorer
+        totals += torch.stack([score.nll_sum, score.correct.float(), score.tokens.float()])
     model.train()
     nll, correct, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
     return nll / max(count, 1), correct / max(count, 1)

@@ -41,7 +41,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
           "no_repeat_ngram_size": 0}
-VOCAB = 50257  # GPT-2's tokenizer; the embedding is padded to 50304
+VOCAB = 50257  # GPT-2's tokenizer (the model pads its embedding to 50304 rows)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -51,7 +51,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def reference_model(prompt_tokens: int, new_tokens: int) -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=50304, n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_ff=704,
+    config = ModelConfig(vocab_size=VOCAB, n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_ff=704,
                          max_seq_len=prompt_tokens + new_tokens)
     return Transformer(config).eval()
 
@@ -65,18 +65,18 @@ def bench_prefill(model, prompt, repeats: int) -> dict:
 
 
 def bench_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
+    head = infer.decode_head(model)  # once, as infer.py and explore.py do
+
     def with_cache():
-        steps = infer.generate(model, prompt[0].tolist(), new_tokens, GREEDY, [torch.Generator()], VOCAB)
+        steps = infer.generate(model, prompt[0].tolist(), new_tokens, GREEDY, [torch.Generator()], head=head)
         return torch.stack([tokens for tokens, _ in steps])
 
     def without_cache():
-        ids, head = prompt, model.lm_head
-        model.lm_head = infer.TransposedHead(head.weight)  # the same fast head layout infer.generate uses
+        ids = prompt
         for _ in range(new_tokens):
             with torch.inference_mode():  # every step recomputes every position's keys and values
-                logits = model(ids, last_only=True)[:, -1, :VOCAB]
+                logits = model(ids, last_only=True, head_t=head)[:, -1]
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        model.lm_head = head
         return ids[0, prompt.shape[1]:]
 
     assert with_cache()[:, 0].tolist() == without_cache().tolist(), "cached and uncached greedy tokens differ"
@@ -119,8 +119,10 @@ def bench_hf_generate(model, prompt, new_tokens: int, repeats: int) -> dict:
         convert.main(["to-hf", "--ckpt", ckpt, "--out", out])
         hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
 
+    head = infer.decode_head(model)
+
     def ours():
-        steps = infer.generate(model, prompt[0].tolist(), new_tokens, GREEDY, [torch.Generator()], VOCAB)
+        steps = infer.generate(model, prompt[0].tolist(), new_tokens, GREEDY, [torch.Generator()], head=head)
         return [tokens.item() for tokens, _ in steps]
 
     def theirs():

@@ -108,7 +108,8 @@ def report(label: str, r: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab-size", type=int, default=50304, help="vocabulary (output head) size (default 50304)")
+    p.add_argument("--vocab-size", type=int, default=50257,
+                   help="tokenizer vocabulary: logits per position (default 50257, GPT-2's; the model pads its rows to 50304)")
     p.add_argument("--d-model", type=int, default=256, help="model width (default 256)")
     p.add_argument("--n-layers", type=int, default=4, help="Transformer blocks (default 4)")
     p.add_argument("--n-heads", type=int, default=8, help="query heads (default 8)")

@@ -155,7 +155,7 @@ def main(argv=None):
 
 def evaluate_run(folder: str, val_txt: str) -> str:
     """Score the final checkpoint on the validation text; the summary line without the wall time."""
-    from checkpoint import load_model
+    from infer import load_model
     from tokenizer import tokenizer_for_checkpoint
 
     model, ckpt = load_model(os.path.join(folder, "ckpt", "final.ckpt"), "cpu")

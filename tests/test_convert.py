@@ -15,8 +15,9 @@ import eval_val
 import evaluate_checkpoints
 import finetune
 import infer
-from checkpoint import load_checkpoint, load_model, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from cli import UsageError
+from infer import load_model
 from model import ModelConfig, Transformer
 from tokenizer import format_instruction, load_tokenizer
 from conftest import ROOT, run_script
@@ -65,15 +66,14 @@ def save_tiny_checkpoint(path, tokenizer_spec, seed=0, **model_fields):
 def greedy_same_as_infer(hf, ours, prompt_ids, n_new, tokenizer):
     """transformers.generate(do_sample=False) and infer.py's greedy decoding pick the same tokens; returns them.
 
-    Both stop at the end-of-text token (HF includes it, infer.py does not print it); the padded
-    embedding rows are never chosen (infer.py slices them off, the export's generation_config
-    suppresses them).
+    Both stop at the end-of-text token (HF includes it, infer.py does not print it); neither can choose
+    a padding row (our model's logits cover the vocabulary only, and the export holds no padding rows).
     """
     out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=False)
     theirs = out[0, len(prompt_ids):].tolist()
     if tokenizer.eos_id in theirs:
         theirs = theirs[:theirs.index(tokenizer.eos_id)]
-    steps = infer.generate(ours, prompt_ids, n_new, {"temperature": 0}, [None], tokenizer.vocab_size)
+    steps = infer.generate(ours, prompt_ids, n_new, {"temperature": 0}, [None])
     mine = [tokens.item() for tokens, _ in steps]
     assert mine[:len(theirs)] == theirs
     assert len(theirs) == n_new or mine[len(theirs)] == tokenizer.eos_id
@@ -181,7 +181,7 @@ CONTEXT = 96  # room for three chat turns
 def sft_export(tmp_path_factory):
     """A tiny random SFT checkpoint (GPT-2 tokenizer) and its to-hf folder: (checkpoint, folder)."""
     folder = tmp_path_factory.mktemp("sft_export")
-    save_tiny_checkpoint(folder / "sft.ckpt", "gpt2", vocab_size=50304, max_seq_len=CONTEXT)
+    save_tiny_checkpoint(folder / "sft.ckpt", "gpt2", vocab_size=50257, max_seq_len=CONTEXT)
     assert convert.main(["to-hf", "--ckpt", str(folder / "sft.ckpt"), "--out", str(folder / "hf")]) == 0
     return folder / "sft.ckpt", folder / "hf"
 
@@ -225,7 +225,7 @@ def test_multi_turn_chat_renders_as_infer_chat_builds_it(sft_export, monkeypatch
     lines = iter(["What is the capital of France?", "  And a word with an accent? ", "Count to three."])
     seen = []
 
-    def fake_complete(model, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
+    def fake_complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
         seen.append(list(prompt_ids))
         return [next(replies)], [1.0]
 
@@ -350,9 +350,12 @@ def test_import_llama_logits_match(tmp_path, tie, safe):
     ours, ckpt = load_model(str(tmp_path / "m.ckpt"))
     meta = ckpt["meta"]
     assert meta["model_config"]["rope_theta"] == 300.0 and meta["model_config"]["tie_embeddings"] == tie
-    idx = torch.randint(0, 128, (2, 40))
+    # config.json's 128 rows hold the tokenizer's 122 tokens: ours keeps the tokenizer's size, padded to 128 rows.
+    vocab = load_tokenizer(str(tok_dir)).vocab_size
+    assert ours.config.vocab_size == vocab == 122 and ours.embed.weight.shape[0] == 128
+    idx = torch.randint(0, vocab, (2, 40))
     with torch.no_grad():
-        torch.testing.assert_close(ours(idx), hf(idx).logits)
+        torch.testing.assert_close(ours(idx), hf(idx).logits[..., :vocab])
 
 
 def test_import_mistral_sliding_window(tmp_path):
@@ -362,18 +365,24 @@ def test_import_mistral_sliding_window(tmp_path):
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.ckpt")])
     ours, ckpt = load_model(str(tmp_path / "m.ckpt"))
     assert ckpt["meta"]["model_config"]["swa_window"] == 5
-    idx = torch.randint(0, 128, (1, 30))
+    idx = torch.randint(0, ours.config.vocab_size, (1, 30))
     with torch.no_grad():
-        torch.testing.assert_close(ours(idx), hf(idx).logits)
+        torch.testing.assert_close(ours(idx), hf(idx).logits[..., :ours.config.vocab_size])
 
 
 def test_export_then_import_gives_back_the_same_weights(tiny_ckpt, tmp_path):
     convert.main(["to-hf", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "hf")])
     convert.main(["from-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back.ckpt")])
-    before, after = (load_checkpoint(str(p))["state_dict"] for p in (tiny_ckpt, tmp_path / "back.ckpt"))
+    before, after = (load_checkpoint(str(p)) for p in (tiny_ckpt, tmp_path / "back.ckpt"))
+    vocab = before["meta"]["model_config"]["vocab_size"]
+    assert after["meta"]["model_config"]["vocab_size"] == vocab == 50257  # Hugging Face held 50257 rows
+    before, after = before["state_dict"], after["state_dict"]
     assert before.keys() == after.keys()
     for name in before:
-        assert torch.equal(before[name], after[name]), name
+        if name in ("embed.weight", "lm_head.weight"):  # the padding rows come back as zeros: they are no token
+            assert torch.equal(before[name][:vocab], after[name][:vocab]) and not after[name][vocab:].any(), name
+        else:
+            assert torch.equal(before[name], after[name]), name
 
 
 def test_imported_checkpoint_works_in_every_script(tmp_path, capsys):
@@ -434,7 +443,7 @@ def test_refusal_is_one_line_and_exit_code_2(tmp_path):
 def test_a_model_off_the_llama_recipe_is_not_exported(tmp_path, command):
     """Hugging Face's Llama and llama.cpp would load the weights and compute another network: refused, one line."""
     ckpt = tmp_path / "relu2.ckpt"
-    save_tiny_checkpoint(ckpt, "gpt2", vocab_size=50304, mlp="relu2", qk_norm=True)
+    save_tiny_checkpoint(ckpt, "gpt2", vocab_size=50257, mlp="relu2", qk_norm=True)
     out = tmp_path / ("hf" if command == "to-hf" else "m.gguf")
     with pytest.raises(UsageError, match=r"uses model.mlp=relu2, model.qk_norm=True, which .* does not compute"):
         convert.main([command, "--ckpt", str(ckpt), "--out", str(out)])

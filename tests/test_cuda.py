@@ -49,7 +49,8 @@ def test_kv_cache_on_the_gpu_equals_the_full_forward():
 
 def test_training_on_cuda_in_bf16_and_the_checkpoint_loads_on_the_cpu(tmp_path):
     import train
-    from checkpoint import load_model, read_meta
+    from checkpoint import read_meta
+    from infer import load_model
 
     config = write_config(tmp_path, {"hardware": {"accelerator": "cuda"}, "training": {"precision": "bf16-mixed"}})
     assert train.main(["--config", str(config)]) == 0
@@ -68,6 +69,6 @@ def test_greedy_decoding_on_the_gpu_equals_the_cpu():
     cpu, gpu = tiny_model(), tiny_model().cuda()
     greedy = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
     prompt = torch.randint(0, 128, (12,)).tolist()
-    ours = [t.item() for t, _ in infer.generate(gpu, prompt, 20, greedy, [torch.Generator()], 128)]
-    reference = [t.item() for t, _ in infer.generate(cpu, prompt, 20, greedy, [torch.Generator()], 128)]
+    ours = [t.item() for t, _ in infer.generate(gpu, prompt, 20, greedy, [torch.Generator()])]
+    reference = [t.item() for t, _ in infer.generate(cpu, prompt, 20, greedy, [torch.Generator()])]
     assert ours == reference

@@ -15,10 +15,11 @@ import torch
 
 import eval_val
 import evaluate_checkpoints
-from checkpoint import load_model, read_meta, save_checkpoint
+from checkpoint import read_meta, save_checkpoint
 from cli import run_cli
 from conftest import run_script
 from data import PackedWindows, tokenize_documents
+from infer import load_model
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
@@ -50,8 +51,9 @@ def gpt2():
 
 
 def test_bits_per_byte_on_a_hand_computable_case(gpt2):
-    # A model whose logits are all zero predicts uniformly: every token costs ln(vocab) nats.
-    model = Transformer(ModelConfig(vocab_size=50304, n_layers=1, d_model=8, n_heads=2, n_kv_heads=1, d_ff=16,
+    # A model whose logits are all zero predicts uniformly: every token costs ln(vocab) nats, the real
+    # vocabulary's 50257 (not the 50304 rows the model pads it to).
+    model = Transformer(ModelConfig(vocab_size=50257, n_layers=1, d_model=8, n_heads=2, n_kv_heads=1, d_ff=16,
                                     max_seq_len=8, tie_embeddings=False))
     torch.nn.init.zeros_(model.lm_head.weight)
     # "Hello world" EOS "Hi" EOS = [Hello, " world", EOS, Hi, EOS]; one window of 4 scores the last four:
@@ -59,9 +61,9 @@ def test_bits_per_byte_on_a_hand_computable_case(gpt2):
     tokens = tokenize_documents(["Hello world", "Hi"], gpt2)
     result = eval_val.evaluate(model, PackedWindows(tokens, seq_len=4), gpt2, batch_size=1)
     assert (result["tokens"], result["bytes"], result["windows"]) == (4, 10, 1)
-    assert result["val_loss"] == pytest.approx(math.log(50304), rel=1e-6)
-    assert result["val_ppl"] == pytest.approx(50304, rel=1e-5)
-    assert result["val_bpb"] == pytest.approx(4 * math.log2(50304) / 10, rel=1e-6)
+    assert result["val_loss"] == pytest.approx(math.log(50257), rel=1e-6)
+    assert result["val_ppl"] == pytest.approx(50257, rel=1e-5)
+    assert result["val_bpb"] == pytest.approx(4 * math.log2(50257) / 10, rel=1e-6)
 
 
 def test_bytes_are_counted_on_the_decoded_text_not_token_by_token(gpt2):
@@ -121,10 +123,12 @@ def untrained_ckpt(tiny_ckpt, tmp_path_factory):
 
 
 # Sentences of data/tiny_corpus.txt ending in its most frequent tokens: what even six training steps learn.
+# (Fed as written, as infer.py feeds a prompt; six steps are fragile there: "The tokenizer has a fixed list of
+# tokens called" -> " the" ranks ~19000 without an EOS before it, 2 with one.)
 FREQUENT_TOKEN_CASES = """
 - {name: period_tokens, prompt: "A tokenizer is the tool that turns text into tokens", target: "."}
 - {name: period_next, prompt: "A language model is a program that reads text and guesses what comes next", target: "."}
-- {name: the_vocabulary, prompt: "The tokenizer has a fixed list of tokens called", target: " the"}
+- {name: the_row, prompt: "The length of each row is called", target: " the"}
 - {name: period_token, prompt: "The most common pair is joined into one new token", target: "."}
 - {prompt: "The model looks at the tokens it has seen so far"}
 """
@@ -144,7 +148,7 @@ def test_trained_checkpoint_ranks_above_untrained(tmp_path, tiny_ckpt, untrained
     assert report["checkpoints"][1]["aliases"] == [str(last)]
     assert report["ranking"] == [str(tiny_ckpt), str(untrained_ckpt)]
     untrained, trained = report["checkpoints"]
-    assert untrained["avg_nll"] == pytest.approx(math.log(50304), abs=0.3)  # ~uniform before training
+    assert untrained["avg_nll"] == pytest.approx(math.log(50257), abs=0.3)  # ~uniform before training
     # Six tiny steps learn little beyond token frequencies, but that shows: frequent targets move from
     # rank ~thousands (uniform guessing) into the top ten.
     assert trained["avg_nll"] < untrained["avg_nll"] - 0.2
@@ -178,15 +182,37 @@ def test_trained_checkpoint_ranks_above_untrained(tmp_path, tiny_ckpt, untrained
     assert list(case_rows[0]) == evaluate_checkpoints.CASE_FIELDS and len(case_rows) == 2 * n_cases
 
 
-def test_greedy_with_kv_cache_equals_full_recompute(tiny_ckpt, gpt2):
+def test_cases_are_scored_over_the_real_vocabulary_only(tiny_ckpt, gpt2):
+    """NLL, rank_first, top-k and greedy equal a direct computation over the 50257 tokens, although the
+    model's padding rows (50257..50303) are made to win every comparison they would ever take part in."""
     model, _ = load_model(str(tiny_ckpt))
-    prompt = [gpt2.eos_id] + gpt2.encode("The capital of France is")
-    produced = evaluate_checkpoints.greedy(model, prompt, 6, "cpu")
-    ids = list(prompt)
+    case = {"name": "c", "prompt": "The capital of France is", "target": " the city", "source": "-"}
+    prompt, target = gpt2.encode(case["prompt"]), gpt2.encode(case["target"])
+    ids = torch.tensor([prompt + target])
+    hidden = []
+    model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
     with torch.no_grad():
-        for _ in range(6):  # no cache: the whole sequence again for every token
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert produced == ids[len(prompt):]
+        model(ids)
+        h = hidden[-1][0]  # (T, d_model): what the head multiplies
+        padding = model.lm_head.weight[gpt2.vocab_size:]  # 47 rows; row i points along position i % T's input
+        padding.copy_(100 * (h / h.norm(dim=-1, keepdim=True))[torch.arange(len(padding)) % len(h)])
+        every_row = h @ model.lm_head.weight.T  # (T, 50304): what scoring the padding would see
+    assert bool((every_row[:, gpt2.vocab_size:].amax(-1) > every_row[:, :gpt2.vocab_size].amax(-1)).all())
+
+    result = evaluate_checkpoints.score_case(model, None, gpt2, case, top_k=5, device="cpu")
+    logp = every_row[:, :gpt2.vocab_size].log_softmax(-1)  # the direct computation, real tokens only
+    first = logp[len(prompt) - 1]
+    nll = -sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(target))
+    assert result["target_nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["rank_first"] == int((first > first[target[0]]).sum()) + 1
+    assert [t["token"] for t in result["top_k"]] == [gpt2.decode([int(i)]) for i in first.topk(5).indices]
+    assert [t["prob"] for t in result["top_k"]] == pytest.approx(first.topk(5).values.exp().tolist(), rel=1e-5)
+    greedy = list(prompt)
+    with torch.no_grad():
+        for _ in target:  # no cache: the whole sequence again for every token, argmax over the real rows only
+            model(torch.tensor([greedy]))
+            greedy.append(int((hidden[-1][0, -1] @ model.lm_head.weight[:gpt2.vocab_size].T).argmax()))
+    assert result["greedy"] == gpt2.decode(greedy[len(prompt):])
 
 
 def test_shipped_case_files_load():

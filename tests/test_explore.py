@@ -30,8 +30,8 @@ import torch
 import cli
 import explore
 import infer
-from checkpoint import load_model
 from conftest import ROOT, run_script, write_config
+from infer import load_model
 from plots import read_losses
 from tokenizer import format_instruction, load_tokenizer
 
@@ -183,7 +183,7 @@ def test_next_token_bars_are_process_logits_of_the_models_logits(port, models, t
     assert answer["ids"] == ids and answer["text"] == TEXT
     full = {**{k: v["off"] for k, v in explore.SETTINGS.items()}, **settings}
     with torch.no_grad():
-        logits = models["final.ckpt"](torch.tensor([ids]))[:, -1, :tokenizer.vocab_size]
+        logits = models["final.ckpt"](torch.tensor([ids]))[:, -1]
     scores = infer.process_logits(logits, torch.tensor([ids]), **full)
     probs, model_probs = scores.softmax(-1)[0], logits.softmax(-1)[0]
     for row in answer["tokens"]:
@@ -265,8 +265,7 @@ def test_generation_streams_infer_generates_tokens(port, models, tokenizer):
     lines = stream(port, {"ids": ids, "settings": settings, "seed": 11, "max_new_tokens": 12})
     assert lines[-1]["done"] and lines[-1]["tokens"] == 12 and lines[-1]["reason"] in ("length", "eos")
     sampling = {**{k: v["off"] for k, v in explore.SETTINGS.items()}, **settings, "no_repeat_ngram_size": 0}
-    steps = infer.generate(models["final.ckpt"], ids, 12, sampling, [torch.Generator().manual_seed(11)],
-                           tokenizer.vocab_size)
+    steps = infer.generate(models["final.ckpt"], ids, 12, sampling, [torch.Generator().manual_seed(11)])
     expected = [int(tokens[0]) for tokens, _ in steps]
     got = [line["id"] for line in lines[:-1]]
     assert got == expected[:len(got)]
@@ -277,8 +276,7 @@ def test_chat_wraps_the_question_in_infer_pys_template(port, models, tokenizer):
     lines = stream(port, {"instruction": "What is a token?", "settings": {"temperature": 0}, "max_new_tokens": 6})
     prompt = tokenizer.encode(format_instruction("What is a token?"))
     sampling = {**{k: v["off"] for k, v in explore.SETTINGS.items()}, "temperature": 0, "no_repeat_ngram_size": 0}
-    expected = [int(t[0]) for t, _ in infer.generate(models["final.ckpt"], prompt, 6, sampling, [torch.Generator()],
-                                                     tokenizer.vocab_size)]
+    expected = [int(t[0]) for t, _ in infer.generate(models["final.ckpt"], prompt, 6, sampling, [torch.Generator()])]
     assert [line["id"] for line in lines[:-1]] == expected[:len(lines) - 1]
 
 

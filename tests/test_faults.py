@@ -135,7 +135,8 @@ def model_and_tokenizer(config):
     from config import load_config, model_config
 
     cfg = load_config(str(config))
-    return model_config(cfg, 50304), load_tokenizer("gpt2"), "pretrain"
+    tokenizer = load_tokenizer("gpt2")
+    return model_config(cfg, tokenizer.vocab_size), tokenizer, "pretrain"  # as train.py sizes the model
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

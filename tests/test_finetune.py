@@ -15,9 +15,10 @@ import yaml
 import finetune
 import tokenizer
 import training
-from checkpoint import load_model, read_meta
+from checkpoint import read_meta
 from cli import UsageError
 from conftest import ROOT, TINY_CONFIG, run_script
+from infer import load_model
 from tokenizer import format_instruction, load_tokenizer
 
 TOK = load_tokenizer("gpt2")

@@ -26,7 +26,7 @@ SAMPLE = "The cat sat on the mat.<|endoftext|>Attention is all you need, isn't i
 
 def write_checkpoint(path, tokenizer="gpt2", kind="pretrain", seed=0, **fields):
     """A random model saved as a checkpoint; rope_theta and norm_eps off their defaults so a dropped key shows."""
-    config = dict(vocab_size=50304, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=40,
+    config = dict(vocab_size=50257, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=40,
                   rope_theta=500.0, norm_eps=1e-6)
     config.update(fields)
     torch.manual_seed(seed)
@@ -125,9 +125,9 @@ def trained_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, trained_tokenizer):
-    """Models on the small trained tokenizer (400 tokens; embedding padded to 448 rows): quick to write."""
+    """Models on the small trained tokenizer (400 tokens; the model pads its embedding to 448 rows): quick to write."""
     folder = tmp_path_factory.mktemp("gguf")
-    small = dict(tokenizer=trained_tokenizer, vocab_size=448)
+    small = dict(tokenizer=trained_tokenizer, vocab_size=400)
     return {"tied": write_checkpoint(folder / "tied.ckpt", **small),
             "untied-sft": write_checkpoint(folder / "sft.ckpt", kind="sft", tie_embeddings=False, n_kv_heads=4, **small),
             # d_model 48: rows of 48 cannot be cut into q8_0's blocks of 32 (the MLP's down_proj rows of 96 can)

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 import infer
-from checkpoint import load_model, save_checkpoint
+from checkpoint import save_checkpoint
 from cli import UsageError
+from infer import load_model
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 from tests.conftest import run_script
@@ -19,7 +20,7 @@ from tests.conftest import run_script
 MAX_SEQ_LEN = 32
 
 
-def write_checkpoint(path, kind="pretrain", vocab_size=50304, seed=0):
+def write_checkpoint(path, kind="pretrain", vocab_size=50257, seed=0):
     """A tiny random model saved the way train.py saves one (model.-prefixed weights + meta)."""
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -56,8 +57,7 @@ def settings(**changes):
 
 
 def greedy_tokens(model, tokenizer, prompt_ids, n, **changes):
-    steps = infer.generate(model, prompt_ids, n, settings(temperature=0.0, **changes), [torch.Generator()],
-                           tokenizer.vocab_size)
+    steps = infer.generate(model, prompt_ids, n, settings(temperature=0.0, **changes), [torch.Generator()])
     return [tokens.item() for tokens, _ in steps]
 
 
@@ -122,7 +122,7 @@ def test_greedy_with_kv_cache_equals_argmax_over_full_forwards(loaded):
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(len(cached)):
-            ids.append(model(torch.tensor([ids]))[0, -1, :tokenizer.vocab_size].argmax().item())
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
     assert cached == ids[len(prompt):]
     with torch.no_grad():  # the prefill asks for the last position only: same numbers, less work
         torch.testing.assert_close(model(torch.tensor([ids]), last_only=True), model(torch.tensor([ids]))[:, -1:])
@@ -131,13 +131,11 @@ def test_greedy_with_kv_cache_equals_argmax_over_full_forwards(loaded):
 def test_logprobs_are_the_models_own_and_context_overflow_keeps_going(loaded):
     model, tokenizer = loaded
     prompt = tokenizer.encode("Once upon a time")
-    steps = list(infer.generate(model, prompt, 50, settings(temperature=0.0), [torch.Generator()],
-                                tokenizer.vocab_size))
+    steps = list(infer.generate(model, prompt, 50, settings(temperature=0.0), [torch.Generator()]))
     assert len(steps) == 50  # longer than the 32-token window: the cache is refilled, decoding goes on
     tokens = [t.item() for t, _ in steps]
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens[:10]]))[..., :tokenizer.vocab_size]  # within the window
-        full = logits.log_softmax(-1)  # over the real vocabulary, not the embedding's padding rows
+        full = model(torch.tensor([prompt + tokens[:10]])).log_softmax(-1)  # within the window
     for i in range(10):
         expected = full[0, len(prompt) - 1 + i, tokens[i]]
         assert abs(steps[i][1].item() - expected.item()) < 1e-4
@@ -163,7 +161,7 @@ def test_num_samples_equal_separate_runs_with_consecutive_seeds(loaded):
 
     def run(seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        steps = infer.generate(model, prompt, 12, sampling, generators, tokenizer.vocab_size)
+        steps = infer.generate(model, prompt, 12, sampling, generators)
         return torch.stack([tokens for tokens, _ in steps], dim=1).tolist()  # (rows, 12)
 
     batched = run([5, 6, 7])
@@ -184,10 +182,10 @@ def test_disable_eos_keeps_generating(loaded):
     model.norm, model.lm_head.weight = Ones(), nn.Parameter(prefer_eos)
     try:
         args = infer.parse_args(["--prompt", "x", "--max-new-tokens", "6", "--seed", "0"])
-        (text,), _ = infer.complete(model, tokenizer, tokenizer.encode("x"), args, 0, [])
+        (text,), _ = infer.complete(model, None, tokenizer, tokenizer.encode("x"), args, 0, [])
         assert text == ""  # stopped at once at EOS, which is never printed
         args = infer.parse_args(["--prompt", "x", "--max-new-tokens", "6", "--seed", "0", "--disable-eos"])
-        (text,), _ = infer.complete(model, tokenizer, tokenizer.encode("x"), args, 0, [])
+        (text,), _ = infer.complete(model, None, tokenizer, tokenizer.encode("x"), args, 0, [])
         assert len(tokenizer.encode(text)) >= 3 and "<|endoftext|>" not in text
     finally:
         model.norm, model.lm_head.weight = original_norm, original_head
@@ -229,9 +227,9 @@ def test_cli_streams_the_same_text_as_a_non_streamed_run_and_seeds_reproduce(ckp
     assert first.stdout == run_script("infer.py", *argv).stdout  # same seed, same sample
     model, tokenizer = loaded
     args = infer.parse_args([str(a) for a in argv])
-    (text,), _ = infer.complete(model, tokenizer, tokenizer.encode("The cat"), args, 3, [])  # not streamed
+    (text,), _ = infer.complete(model, None, tokenizer, tokenizer.encode("The cat"), args, 3, [])  # not streamed
     assert first.stdout == "The cat" + text + "\n"
-    (other,), _ = infer.complete(model, tokenizer, tokenizer.encode("The cat"), args, 4, [])
+    (other,), _ = infer.complete(model, None, tokenizer, tokenizer.encode("The cat"), args, 4, [])
     assert other != text  # another seed, another sample
 
 
@@ -311,3 +309,59 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: tokenizer 'gpt2' has 50257 tokens but the checkpoint's model has only 1000")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- one decoder, one conditioning rule, a model shared by threads ---------------------------------
+
+
+def test_decoding_never_changes_the_model_and_its_head_gives_the_same_tokens(loaded):
+    """generate with infer.decode_head's copy = generate with the model's own head; mid-generation (where
+    explore.py's other threads use the same model) the model's modules and weights are what they were."""
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("The history of")
+    modules, weights = dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
+    head = infer.decode_head(model)
+    steps = infer.generate(model, prompt, 10, settings(temperature=0.0), [torch.Generator()], head=head)
+    first = next(steps)
+    assert dict(model.named_modules()) == modules  # nothing swapped in while a generation is under way
+    with torch.no_grad():
+        plain = model(torch.tensor([prompt]))[0, -1].argmax().item()  # another request, meanwhile
+    assert first[0].item() == plain
+    with_head = [first[0].item()] + [t.item() for t, _ in steps]
+    assert with_head == greedy_tokens(model, tokenizer, prompt, 10)  # head made inside generate: the same
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("prompt", ["The cat", ""])
+def test_infer_explore_and_evaluate_checkpoints_condition_a_prompt_alike(ckpt, loaded, prompt, monkeypatch):
+    """The three scripts hand infer.generate the same ids for the same prompt: infer.start_ids' rule
+    (the text's tokens; [EOS] for an empty text, which a case file cannot hold)."""
+    import evaluate_checkpoints
+    import explore
+
+    model, tokenizer = loaded
+    fed = {}
+    real_generate = infer.generate
+
+    def recording(script):
+        def generate(model, prompt_ids, *args, **kwargs):
+            fed[script] = list(prompt_ids)
+            return real_generate(model, prompt_ids, *args, **kwargs)
+        return generate
+
+    monkeypatch.setattr(infer, "generate", recording("infer"))
+    args = infer.parse_args(["--prompt", prompt, "--max-new-tokens", "2", "--seed", "0"])
+    infer.run_once(model, None, tokenizer, args, instruct=False, seed=0)
+
+    monkeypatch.setattr(infer, "generate", recording("explore"))
+    run = explore.Loaded(str(ckpt), torch.device("cpu"))
+    explorer = explore.Explorer([{"name": "tiny.ckpt", "path": str(ckpt), "meta": run.meta}], 0, run, "cpu")
+    list(explorer.generate({"text": prompt, "max_new_tokens": 2}))
+
+    want = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    if prompt:
+        monkeypatch.setattr(infer, "generate", recording("evaluate_checkpoints"))
+        case = {"name": "c", "prompt": prompt, "target": " sat", "source": "-"}
+        evaluate_checkpoints.score_case(model, None, tokenizer, case, 3, "cpu")
+        assert fed["evaluate_checkpoints"] == want
+    assert fed["infer"] == fed["explore"] == want == infer.start_ids(tokenizer, prompt)

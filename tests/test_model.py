@@ -49,7 +49,7 @@ def hf_copy(model: Transformer, hf_class, **config_kwargs):
     hf_config = config_class(**hf_config_kwargs(model.config), **config_kwargs)
     hf_config._attn_implementation = "eager"
     hf = hf_class(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     if model.config.tie_embeddings:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
@@ -93,6 +93,48 @@ def test_sliding_window_matches_hf_mistral():
         # A window of window + 1 must NOT match: the test can tell an off-by-one apart.
         hf.config.sliding_window = window + 1
         assert not torch.allclose(ours, hf(idx).logits, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the vocabulary and its padding
+
+
+@pytest.mark.parametrize("vocab, rows", [(101, 128), (1024, 1024), (50257, 50304), (64, 64), (65, 128)])
+def test_the_model_pads_its_rows_and_returns_logits_of_the_vocabulary_only(vocab, rows):
+    """vocab_size is the tokenizer's; the embedding and head hold a multiple of 64 rows; logits cover vocab_size."""
+    config = tiny_config(vocab_size=vocab, d_model=16, n_heads=2, n_kv_heads=1, n_layers=1)
+    assert config.padded_vocab_size == rows
+    for tie in (True, False):
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**{**vars(config), "tie_embeddings": tie}))
+        assert model.embed.weight.shape == model.lm_head.weight.shape == (rows, 16)
+        assert model(torch.zeros(2, 3, dtype=torch.long, device="meta")).shape == (2, 3, vocab)
+
+
+def test_padding_rows_never_reach_a_logit_nor_a_gradient():
+    """Rows past vocab_size can hold anything: the logits and the real rows' gradients do not change."""
+    model = build(tiny_config(vocab_size=101, tie_embeddings=False), scale=0.1)
+    idx = torch.randint(0, 101, (2, 12))
+    before = model(idx)
+    with torch.no_grad():
+        model.lm_head.weight[101:] = 1e4
+        model.embed.weight[101:] = float("nan")  # never looked up: ids are < vocab_size
+    after = model(idx)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    F.cross_entropy(after.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    assert torch.all(model.lm_head.weight.grad[101:] == 0)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_transposed_head_gives_the_same_logits_and_leaves_the_model_as_it_was(softcap):
+    """forward(head_t=model.transposed_head()) = forward(), soft-cap included; the module is never changed."""
+    model = build(tiny_config(logit_softcap=softcap), scale=0.5)
+    modules, weight = dict(model.named_modules()), model.lm_head.weight
+    head_t = model.transposed_head()
+    assert head_t.shape == (model.config.d_model, model.config.vocab_size) and head_t.is_contiguous()
+    idx = torch.randint(0, 101, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, head_t=head_t), model(idx), rtol=1e-5, atol=1e-5)
+    assert dict(model.named_modules()) == modules and model.lm_head.weight is weight
 
 
 # ---------------------------------------------------------------- attention masking
@@ -346,9 +388,10 @@ def test_parameter_and_flop_counts():
         per_block = (2 * c.d_model * c.n_heads * c.head_dim + 2 * c.d_model * c.n_kv_heads * c.head_dim
                      + 3 * c.d_model * c.d_ff + 2 * c.d_model)
         body = c.n_layers * per_block + c.d_model  # + final norm
-        head = c.vocab_size * c.d_model
-        assert model.num_parameters(exclude_embeddings=True) == body + (0 if tie else head)
-        assert model.num_parameters() == body + head * (1 if tie else 2)
+        rows = c.padded_vocab_size * c.d_model  # what the embedding and the head hold
+        head = c.vocab_size * c.d_model  # what the head multiplies by: the real vocabulary's rows
+        assert model.num_parameters(exclude_embeddings=True) == body + (0 if tie else rows)
+        assert model.num_parameters() == body + rows * (1 if tie else 2)
         assert model.flops_per_token(32) == 6 * (body + head) + 12 * c.n_layers * c.d_model * 32
 
 

@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model, read_meta
+from checkpoint import load_checkpoint, read_meta
 from cli import UsageError
 from conftest import ROOT, run_script
+from infer import load_model
 
 
 class Payload:

@@ -308,3 +308,98 @@ def test_a_checkpoint_carries_its_tokenizer_and_recognises_it_by_content(tmp_pat
     assert sample.stdout.startswith("The")
     evaluated = run_script("eval_val.py", "--ckpt", moved, "--json")
     assert json.loads(evaluated.stdout)["tokenizer"] == str(tok_dir.resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints from before the model padded its own vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+def todays_format(model_config, tokenizer, rows: int, seed: int = 0) -> dict:
+    """A checkpoint as training.save wrote it before this change: meta's model_config.vocab_size = `rows`,
+    the embedding's row count (train.py padded the tokenizer's size to a multiple of 64), tokenizer inside."""
+    from model import ModelConfig, Transformer
+
+    old = ModelConfig(**{**vars(model_config), "vocab_size": rows})
+    torch.manual_seed(seed)
+    model = Transformer(old)  # with vocab_size = rows a multiple of 64, exactly the old network: `rows` logits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert model.embed.weight.shape[0] == rows
+    meta = {"kind": "pretrain", "step": 2, "epoch": 0.1, "tokens_seen": 256, "supervised_seen": 0, "train_loss": 9.0,
+            "val_loss": 9.5, "n_params": model.num_parameters(), "model_config": vars(old).copy(), "config": {},
+            "tokenizer": tokenizer.spec, "tokenizer_sha256": tokenizer.sha256}
+    return {"state_dict": model.state_dict(), "tokenizer": tokenizer.to_dict(), "meta": meta}, model
+
+
+@pytest.mark.parametrize("rows", [50304, 50368], ids=["padded-by-train.py", "model.vocab_size-set-larger"])
+def test_a_checkpoint_of_todays_format_loads_with_the_same_logits_over_the_real_vocabulary(tmp_path, rows):
+    import infer
+    from checkpoint import check_weights, model_config_of, save_checkpoint
+    from model import ModelConfig
+
+    tokenizer = load_tokenizer("gpt2")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32,
+                         max_seq_len=16)
+    ckpt, old_model = todays_format(config, tokenizer, rows)
+    path = tmp_path / "old.ckpt"
+    save_checkpoint(ckpt, str(path))
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = old_model.eval()(idx)[..., :tokenizer.vocab_size]  # what every consumer cropped to
+
+    migrated = load_checkpoint(str(path))
+    assert migrated["meta"]["model_config"]["vocab_size"] == tokenizer.vocab_size == 50257
+    assert model_config_of(migrated["meta"], str(path)) == config
+    assert migrated["state_dict"]["embed.weight"].shape[0] == 50304  # config.padded_vocab_size
+    check_weights(migrated["state_dict"], config, str(path))
+    model, _ = infer.load_model(str(path))
+    with torch.no_grad():
+        after = model(idx)
+    assert after.shape == before.shape == (2, 12, 50257)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # The sidecar still says what the file says; readers of metas alone migrate with the run's tokenizer.
+    assert read_meta(str(path))["model_config"]["vocab_size"] == rows
+    assert model_config_of(read_meta(str(path)), str(path), tokenizer.vocab_size) == config
+
+
+def test_an_imported_checkpoint_with_one_row_per_token_gets_zero_padding_rows(tmp_path):
+    """A from-hf file of before (HF keeps one row per token: 50257) is padded to 50304 zero rows on load."""
+    import infer
+    from checkpoint import save_checkpoint
+    from model import ModelConfig
+
+    tokenizer = load_tokenizer("gpt2")
+    config = ModelConfig(vocab_size=50257, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16,
+                         tie_embeddings=False)
+    ckpt, _ = todays_format(config, tokenizer, 50304)
+    for name in ("embed.weight", "lm_head.weight"):
+        ckpt["state_dict"][name] = ckpt["state_dict"][name][:50257].clone()
+    ckpt["meta"]["model_config"]["vocab_size"] = 50257
+    save_checkpoint(ckpt, str(tmp_path / "imported.ckpt"))
+    model, loaded = infer.load_model(str(tmp_path / "imported.ckpt"))
+    assert model.embed.weight.shape == model.lm_head.weight.shape == (50304, 16)
+    assert not model.lm_head.weight[50257:].any()
+    assert torch.equal(model.lm_head.weight[:50257], ckpt["state_dict"]["lm_head.weight"])
+
+
+def test_a_training_run_of_todays_format_resumes(tiny_run, tmp_path):
+    """The folder of a run written before this change (meta: vocab_size 50304, the padded rows) resumes."""
+    from checkpoint import save_checkpoint
+
+    folder = tmp_path / "old_run" / "checkpoints"
+    shutil.copytree(tiny_run, folder)
+    for path in folder.glob("*.ckpt"):  # rewrite every checkpoint as the old code wrote it
+        if path.name == "last.ckpt":
+            continue
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["state_dict"]["embed.weight"].shape[0] == 50304
+        ckpt["meta"]["model_config"]["vocab_size"] = 50304
+        save_checkpoint(ckpt, str(path))
+    (folder / "last.ckpt").unlink()
+    (folder / "last.ckpt.json").unlink()
+    config = write_config(folder.parent, {"training": {"max_steps": 8}})
+    assert train.main(["--config", str(config)]) == 0
+    meta = read_meta(str(folder / "final.ckpt"))
+    assert meta["step"] == 8 and meta["model_config"]["vocab_size"] == 50257
