@@ -184,21 +184,21 @@ def padded_tokens_per_epoch(samples, batch_size: int, seed: int) -> int:
 
 
 def plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, world_size: int) -> list[str]:
-    t = cfg.training
-    padded = padded_tokens_per_epoch(train, t.micro_batch_size, t.seed)
-    per_step = t.micro_batch_size * t.grad_accum_steps * world_size
+    train_cfg = cfg.training
+    padded = padded_tokens_per_epoch(train, train_cfg.micro_batch_size, train_cfg.seed)
+    per_step = training.sequences_per_step(train_cfg, world_size)
     return [
         f"base: {cfg.finetune.base_checkpoint} ({base_meta.get('kind')}, step {base_meta.get('step')}; "
         f"{model_cfg.n_layers} layers, d_model {model_cfg.d_model}, {model_cfg.n_heads} heads / "
         f"{model_cfg.n_kv_heads} kv heads, max_seq_len {model_cfg.max_seq_len}); tokenizer {tokenizer.spec}",
         f"data: {len(train):,} train and {len(val):,} val examples ({how}); {stats['truncated']} truncated, "
-        f"{stats['skipped']} skipped (instruction longer than seq_len+1 = {t.seq_len + 1} tokens)",
+        f"{stats['skipped']} skipped (instruction longer than seq_len+1 = {train_cfg.seq_len + 1} tokens)",
         f"tokens: {stats['tokens']:,} train tokens, {stats['supervised']:,} supervised "
         f"({100 * stats['supervised'] / max(stats['tokens'], 1):.0f}%); per-batch padding adds "
-        f"{100 * (padded / max(stats['tokens'], 1) - 1):.0f}% at micro_batch_size {t.micro_batch_size}",
-        f"batch: {per_step} examples per optimizer step = {t.micro_batch_size} x {t.grad_accum_steps} accum x "
-        f"{world_size} devices; {training.step_budget(t, per_step / max(len(train), 1))}; "
-        f"checkpoints -> {t.checkpoint_dir}",
+        f"{100 * (padded / max(stats['tokens'], 1) - 1):.0f}% at micro_batch_size {train_cfg.micro_batch_size}",
+        f"batch: {per_step} examples per optimizer step = {train_cfg.micro_batch_size} x {train_cfg.grad_accum_steps} accum x "
+        f"{world_size} devices; {training.step_budget(train_cfg, per_step / max(len(train), 1))}; "
+        f"checkpoints -> {train_cfg.checkpoint_dir}",
     ]
 
 
@@ -248,14 +248,14 @@ def main(argv=None) -> int:
     # 1. Arguments, config, the base checkpoint and the tokenizer it carries.
     args = parse_args(argv)
     cfg = load_finetune_config(args.config, args.set)
-    t = cfg.training
+    train_cfg = cfg.training
     base, model_cfg = read_base(cfg)
     base_meta = base["meta"]
     tokenizer = tokenizer_for_checkpoint(base, "auto", cfg.data.offline)  # the base's own tokenizer
 
     # 2. Records -> examples (prompt labels -100), checked before anything heavy.
     train_records, val_records, how = load_records(cfg.data)
-    max_tokens = t.seq_len + 1  # seq_len inputs, each with its next-token target
+    max_tokens = train_cfg.seq_len + 1  # seq_len inputs, each with its next-token target
     if args.show_example is not None:
         show_example(train_records + val_records, args.show_example, tokenizer, max_tokens, len(train_records))
         return 0
@@ -264,39 +264,39 @@ def main(argv=None) -> int:
     if not train or not val:
         raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
                          "tokens: raise training.seq_len, add records, or adjust data.val_docs")
-    resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
-        t.checkpoint_dir, model_cfg, tokenizer, "sft")
+    resume_from = None if args.no_resume or not train_cfg.auto_resume else training.find_resume_checkpoint(
+        train_cfg.checkpoint_dir, model_cfg, tokenizer, "sft")
     if args.dry_run:
         check_weights(base["state_dict"], model_cfg, cfg.finetune.base_checkpoint)
         print("\n".join(plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats,
                                    training.start_fabric(cfg, launch=False)[0].world_size)))
         print("dry run: config, data and base checkpoint are valid; no model was built")
         return 0
-    if training.already_done(resume, t):
+    if training.already_done(resume_from, train_cfg):
         return 0
 
     # 3. Devices and processes: from here on this is one rank of the run (Lightning started the others).
     fabric, precision, why = training.start_fabric(cfg)
 
     # 4. The model with the base's weights (a resumed run gets its own from the SFT checkpoint), its optimizer.
-    fabric.seed_everything(t.seed, verbose=False)
+    fabric.seed_everything(train_cfg.seed, verbose=False)
     with fabric.init_module():
         model = Transformer(model_cfg)
-    if not resume:
+    if not resume_from:
         load_weights(model, base["state_dict"], cfg.finetune.base_checkpoint)
-    if t.compile:
+    if train_cfg.compile:
         model.compile()
-    optimizers, peak_lrs = training.make_optimizers(model, t)
+    optimizers, peak_lrs = training.make_optimizers(model, train_cfg)
     model, optimizers = training.setup(fabric, model, optimizers)
 
     # 5. Resume, then the loop (training.fit) and final.ckpt.
-    state = training.resume(fabric, resume[0], model, optimizers, t) if resume else training.TrainState()
+    state = training.restore(fabric, resume_from.path, model, optimizers, train_cfg) if resume_from else training.TrainState()
     plan = plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, fabric.world_size) + [
-        f"resuming from {resume[0]} at step {state.step}" if resume
+        f"resuming from {resume_from.path} at step {state.step}" if resume_from
         else f"starting from the base weights of {cfg.finetune.base_checkpoint}"]
-    final = os.path.join(t.checkpoint_dir, "final.ckpt")
+    final = os.path.join(train_cfg.checkpoint_dir, "final.ckpt")
     run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
-                       tokens_per_epoch=padded_tokens_per_epoch(train, t.micro_batch_size, t.seed), plan=plan,
+                       tokens_per_epoch=padded_tokens_per_epoch(train, train_cfg.micro_batch_size, train_cfg.seed), plan=plan,
                        precision=precision, precision_why=why,
                        next_command=f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
     return training.fit(fabric, run, model, optimizers, peak_lrs, train, val, state, collate_fn=PadWith(tokenizer.eos_id))

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     # 1. Arguments and config: every key checked before anything heavy starts.
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    t = cfg.training
+    train_cfg = cfg.training
 
     # 2. The tokenizer fixes the vocabulary, which fixes the model's shape; then the checkpoint to resume from.
     tokenizer = load_tokenizer(cfg.data.tokenizer_name, cfg.data.offline)
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise UsageError(f"model.vocab_size {model_cfg.vocab_size} is not the tokenizer's {tokenizer.vocab_size} "
                          "tokens: remove model.vocab_size (it follows the tokenizer)")
-    resume = None if args.no_resume or not t.auto_resume else training.find_resume_checkpoint(
-        t.checkpoint_dir, model_cfg, tokenizer, "pretrain")
-    if training.already_done(resume, t):
+    resume_from = None if args.no_resume or not train_cfg.auto_resume else training.find_resume_checkpoint(
+        train_cfg.checkpoint_dir, model_cfg, tokenizer, "pretrain")
+    if training.already_done(resume_from, train_cfg):
         return 0
 
     # 3. Devices and processes: from here on this is one rank of the run (Lightning started the others).
@@ -61,36 +61,36 @@ def main(argv=None) -> int:
     train_docs, val_docs, held_out = split_documents(cfg.data)
     train_tokens = load_tokens(train_docs, tokenizer, cfg.data, "train")
     val_tokens = load_tokens(val_docs, tokenizer, cfg.data, "val")
-    train_windows, val_windows = PackedWindows(train_tokens, t.seq_len), PackedWindows(val_tokens, t.seq_len)
+    train_windows, val_windows = PackedWindows(train_tokens, train_cfg.seq_len), PackedWindows(val_tokens, train_cfg.seq_len)
     if len(train_windows) == 0 or len(val_windows) == 0:
         which = "training" if len(train_windows) == 0 else "validation"
-        raise UsageError(f"the {which} text has fewer than seq_len+1 = {t.seq_len + 1} tokens: "
+        raise UsageError(f"the {which} text has fewer than seq_len+1 = {train_cfg.seq_len + 1} tokens: "
                          "add text, lower training.seq_len, or adjust data.val_docs")
 
     # 5. The model, initialised from the seed (the same on every rank), and its optimizer.
-    fabric.seed_everything(t.seed, verbose=False)
+    fabric.seed_everything(train_cfg.seed, verbose=False)
     with fabric.init_module():
         model = Transformer(model_cfg)
-    if t.compile:
+    if train_cfg.compile:
         model.compile()  # in place, so parameter names (and checkpoints) stay those of the plain model
-    optimizers, peak_lrs = training.make_optimizers(model, t)
+    optimizers, peak_lrs = training.make_optimizers(model, train_cfg)
     model, optimizers = training.setup(fabric, model, optimizers)
 
     # 6. Resume: weights, optimizer moments, random state and the loop's counters, from the checkpoint.
-    state = training.resume(fabric, resume[0], model, optimizers, t) if resume else training.TrainState()
+    state = training.restore(fabric, resume_from.path, model, optimizers, train_cfg) if resume_from else training.TrainState()
 
     # 7. The loop, then final.ckpt (training.fit).
     world = fabric.world_size
-    tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps * world
+    tokens_per_step = training.sequences_per_step(train_cfg, world) * train_cfg.seq_len
     plan = [f"data: {len(train_tokens):,} train tokens ({len(train_windows):,} windows), "
             f"{len(val_tokens):,} val tokens; {held_out}",
-            f"batch: {tokens_per_step:,} tokens per optimizer step = {t.micro_batch_size} seqs x {t.seq_len} "
-            f"tokens x {t.grad_accum_steps} accum x {world} devices; "
-            f"{training.step_budget(t, tokens_per_step / max(len(train_tokens), 1))}",
-            f"resuming from {resume[0]} at step {state.step}" if resume else "starting from scratch"]
-    final = os.path.join(t.checkpoint_dir, "final.ckpt")
+            f"batch: {tokens_per_step:,} tokens per optimizer step = {train_cfg.micro_batch_size} seqs x {train_cfg.seq_len} "
+            f"tokens x {train_cfg.grad_accum_steps} accum x {world} devices; "
+            f"{training.step_budget(train_cfg, tokens_per_step / max(len(train_tokens), 1))}",
+            f"resuming from {resume_from.path} at step {state.step}" if resume_from else "starting from scratch"]
+    final = os.path.join(train_cfg.checkpoint_dir, "final.ckpt")
     run = training.Run(kind="pretrain", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
-                       tokens_per_epoch=len(train_windows) * t.seq_len, plan=plan, precision=precision,
+                       tokens_per_epoch=len(train_windows) * train_cfg.seq_len, plan=plan, precision=precision,
                        precision_why=why, next_command=f"python infer.py --ckpt {final} --prompt \"Attention is\"")
     return training.fit(fabric, run, model, optimizers, peak_lrs, train_windows, val_windows, state)
 

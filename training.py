@@ -7,13 +7,15 @@ stopping). Everything else here is what that loop calls:
     fabric, precision, why = start_fabric(cfg)          # devices, precision, DDP/FSDP: Lightning's job
     optimizers, peak_lrs = make_optimizers(model, cfg.training)
     model, optimizers = setup(fabric, model, optimizers)
-    state = resume(fabric, path, model, optimizers, cfg.training) if path else TrainState()
+    state = restore(fabric, resume_from.path, model, optimizers, cfg.training) if resume_from else TrainState()
     fit(fabric, run, model, optimizers, peak_lrs, train_samples, val_samples, state)
 
 Lightning does what is hard to get right and easy to get wrong on many devices: launching one process
 per device, autocast, syncing gradients, sharding, gathering a checkpoint. The loop itself, and all the
 state needed to resume it exactly (a plain dict saved in every checkpoint), are ours.
 """
+
+from __future__ import annotations  # type hints may name classes defined further down (the loop comes first)
 
 import dataclasses
 import glob
@@ -28,6 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,103 +38,241 @@ import torch.nn.functional as F
 from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, model_config_of, read_meta, save_checkpoint
 from cli import UsageError, pick_device
 from data import ShuffledPasses, StridedSampler
+from config import Config, Training
 from eval_val import score_batch
+from model import ModelConfig
+from tokenizer import Tokenizer
 
 EXIT_DIVERGED = 1  # the loss or the weights became inf/nan (the last good checkpoint is kept)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's codes for these signals
 
+
 # ---------------------------------------------------------------------------------------------
-# Learning rate and optimizer
+# The loop
 # ---------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(step: int, t, elapsed: float = 0.0, plateau_scale: float = 1.0) -> float:
-    """The learning rate of optimizer step `step` as a fraction of the peak (training.lr).
+def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples, val_samples, state: TrainState,
+        collate_fn=None) -> int:
+    """Train until training.max_steps, max_time, early stopping, a non-finite loss or a stop signal.
 
-    First a linear warm-up: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps. Then, by lr_schedule:
-      warmup_cosine  a half cosine down to min_lr_ratio at max_steps;
-      wsd            warm-up, stable, decay: flat at the peak, then a straight line down to min_lr_ratio
-                     over the last cooldown_ratio of the run;
-      plateau        flat, multiplied by `plateau_scale`, which validation cuts when the loss stalls
-                     (never below reduce_on_plateau.min_lr).
-    With training.max_time the same shape is laid over the share of the budget used after `elapsed`
-    seconds, p = max((step + 1) / max_steps, elapsed / max_time) (p = elapsed / max_time when max_steps is
-    null): warm-up while p < warmup_ratio, and the schedule reaches its floor exactly when time (or steps)
-    run out, however fast the machine is.
+    Returns the exit code: 0 done (final.ckpt written), 1 diverged (the last good checkpoint kept),
+    130/143 stopped by SIGINT/SIGTERM (a checkpoint saved: the same command resumes).
     """
-    if t.max_time:
-        used = elapsed / t.max_time
-        if t.max_steps is not None:
-            used = max(used, (step + 1) / t.max_steps)
-        if used < t.warmup_ratio:
-            return used / t.warmup_ratio
-        progress = (used - t.warmup_ratio) / (1 - t.warmup_ratio)
-    else:
-        warmup = int(t.warmup_ratio * t.max_steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, t.max_steps - warmup)
-    progress = min(1.0, progress)  # share of the run after warm-up
-    if t.lr_schedule == "plateau":
-        return max(plateau_scale, t.reduce_on_plateau.min_lr / t.lr)
-    if t.lr_schedule == "wsd":
-        cooling = max(0.0, progress - (1 - t.cooldown_ratio)) / t.cooldown_ratio  # 0 until the cool-down, then to 1
-        return 1 - (1 - t.min_lr_ratio) * cooling
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    train_cfg = run.cfg.training
+    world = fabric.world_size
+    folder = train_cfg.checkpoint_dir
+    network = model.module if hasattr(model, "module") else model  # the Transformer inside Fabric's wrapper
+    flops_per_token = network.flops_per_token(train_cfg.seq_len)
+    peak = run.peak_flops = matmul_peak_flops(fabric.device)
+    samples_per_step = sequences_per_step(train_cfg, world)
+    end = None if train_cfg.max_steps is None else train_cfg.max_steps * samples_per_step  # None: time-boxed, no last sample
+    batches = iter(loader(train_samples, train_cfg, fabric, state.step * samples_per_step, end, shuffle=True,
+                          collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
+    lock = claim_run_folder(fabric, folder, fresh=state.step == 0)  # before anything touches the folder
+    stop = StopSignal(announce=fabric.is_global_zero)
+    try:
+        # metrics.csv: Lightning's CSV logger starts the file afresh, so a resumed run first logs again the
+        # rows up to its checkpoint (dropping any that an interrupted run wrote after it).
+        for row in logged_rows(os.path.join(folder, "metrics.csv"), state.step) if fabric.is_global_zero else []:
+            fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        if fabric.is_global_zero:
+            print(f"model: {network.num_parameters():,} parameters "
+                  f"({network.num_parameters(exclude_embeddings=True):,} without embeddings), "
+                  f"{flops_per_token / 1e6:.1f} MFLOPs/token (fwd+bwd)")
+            print("\n".join(run.plan))
+            print(f"device: {fabric.device.type} x {world}, precision {run.precision} ({run.precision_why}); "
+                  f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
+                  f"{', even in half precision' if run.precision not in ('32', '32-true') else ''})", flush=True)
+            if train_cfg.max_time:
+                print(f"time budget: {train_cfg.max_time:g} s of training (training.max_time); the LR schedule follows "
+                      "the clock")
+        started = time.monotonic()
+        time_before = state.train_time  # seconds trained by the runs this one resumes
+        start_step = state.step
+        # Since the last log line: when it was, the counters then, each step's loss and global gradient norm.
+        log_start = started
+        log_tokens = state.tokens_seen
+        log_supervised = state.supervised_seen
+        losses = []
+        grad_norms = []
+        while train_cfg.max_steps is None or state.step < train_cfg.max_steps:
+            # 1. The learning rate of this step: the one place it is set.
+            lr_scale = lr_multiplier(state.step - state.schedule_offset, train_cfg, state.train_time, state.plateau_scale)
+            for name, optimizer in optimizers.items():
+                for group, peak_lr in zip(optimizer.param_groups, peak_lrs[name]):
+                    group["lr"] = peak_lr * lr_scale
+
+            # 2. Forward and backward over grad_accum_steps micro-batches: the gradients add up. Ranks average
+            #    their gradients once, in the last backward (no_backward_sync skips it in the others).
+            loss_sum = 0.0
+            tokens = 0  # input positions of this rank's micro-batches
+            supervised = 0  # of them, those with a label
+            for micro in range(train_cfg.grad_accum_steps):
+                x, y = next(batches)
+                x, y = x.to(fabric.device), y.to(fabric.device)  # (B, T) token ids, (B, T) next-token labels
+                with fabric.no_backward_sync(model, enabled=world > 1 and micro < train_cfg.grad_accum_steps - 1):
+                    loss = token_loss(model(x), y)
+                    fabric.backward(loss / train_cfg.grad_accum_steps)
+                loss_sum += loss.detach()
+                tokens += x.numel()
+                supervised += (y != -100).sum()
+
+            # 3. One exchange between ranks per step (mean loss, token counts, the clock, a stop signal), so that
+            #    every rank takes the same decision (the LR, stopping) at the same step.
+            elapsed = time_before + time.monotonic() - started
+            mine = [float(loss_sum) / train_cfg.grad_accum_steps, tokens, float(supervised), elapsed,
+                    float(stop.received is not None)]
+            summed = fabric.all_reduce(torch.tensor(mine, device=fabric.device), reduce_op="sum").tolist()
+            loss_total, tokens, supervised, elapsed_total, stop_votes = summed  # sums over the ranks
+            loss_mean = loss_total / world
+            elapsed = elapsed_total / world
+            stopping = stop_votes > 0  # any rank signalled: all stop at this step
+            if not math.isfinite(loss_mean):
+                raise FloatingPointError(f"loss became {loss_mean} at step {state.step}")
+
+            # 4. Clip the gradients' global norm (once, over every parameter), then step each optimizer.
+            grad_norms.append(clip_gradients(fabric, model, optimizers, train_cfg.grad_clip))
+            for optimizer in optimizers.values():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += round(tokens)
+            state.supervised_seen += round(supervised)
+            state.train_time = elapsed
+            losses.append(loss_mean)
+            out_of_time = bool(train_cfg.max_time) and state.train_time >= train_cfg.max_time
+            last_step = state.step == train_cfg.max_steps or out_of_time
+
+            # 5. A log line and a metrics row every log_every steps (and at the last): loss, LR, speed, MFU, ETA.
+            if state.step % train_cfg.log_every == 0 or last_step:
+                now = time.monotonic()
+                state.last_train_loss = sum(losses) / len(losses)
+                grad_norm = float(torch.stack(grad_norms).mean())
+                tok_s = (state.tokens_seen - log_tokens) / max(now - log_start, 1e-9)
+                sup_s = (state.supervised_seen - log_supervised) / max(now - log_start, 1e-9)
+                mfu = tok_s * flops_per_token / peak / world
+                eta = math.inf  # time-boxed (max_steps null): only max_time's rest, below
+                if train_cfg.max_steps is not None:
+                    eta = (now - started) / max(state.step - start_step, 1) * (train_cfg.max_steps - state.step)
+                if train_cfg.max_time:
+                    eta = min(eta, max(0.0, train_cfg.max_time - state.train_time))
+                lr = next(iter(optimizers.values())).param_groups[0]["lr"]
+                if fabric.is_global_zero:
+                    # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
+                    sup_text = f"{sup_s:,.0f} supervised tok/s | " if run.kind == "sft" else ""
+                    print(f"{step_of(state.step, train_cfg)} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
+                          f"grad norm {grad_norm:.3f} | "
+                          f"{tok_s:,.0f} tok/s | {sup_text}MFU {100 * mfu:.1f}% | "
+                          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen,
+                                 "train_loss": state.last_train_loss, "grad_norm": grad_norm, "lr": lr,
+                                 "tokens_per_s": tok_s,
+                                 "supervised_tokens_per_s": sup_s, "mfu": mfu, "elapsed_s": state.train_time},
+                                step=state.step)
+                log_start = now
+                log_tokens = state.tokens_seen
+                log_supervised = state.supervised_seen
+                losses = []
+                grad_norms = []
+
+            # 6. Validation every val_every steps: log it, keep the best weights, cut the LR or stop on a plateau.
+            early_stop = False
+            if train_cfg.val_every and state.step % train_cfg.val_every == 0:
+                early_stop = run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
+
+            # 7. A checkpoint every save_every steps (after this step's validation, so that it records it), and
+            #    when a signal asks to stop.
+            interrupted = stopping and not last_step
+            if train_cfg.save_every and state.step % train_cfg.save_every == 0 or interrupted:
+                save(fabric, run, f"epoch={int(epochs(run, state) or 0)}-step={state.step}.ckpt", model,
+                     optimizers, state)
+                if fabric.is_global_zero:
+                    prune(folder, train_cfg.keep_last)
+
+            # 8. Stop early?
+            if interrupted:
+                if fabric.is_global_zero:
+                    print(f"interrupted at step {state.step}: saved {os.path.join(folder, 'last.ckpt')}; to resume, "
+                          f"run the same command again: {resume_command()}", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED.get(stop.received, 130)
+            if early_stop or out_of_time:
+                break
+
+        # The end: validate the final weights (unless this very step did), write final.ckpt.
+        if state.validated_at != state.step:
+            run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
+        final = save(fabric, run, "final.ckpt", model, optimizers, state)
+    except FloatingPointError as e:  # a non-finite loss, or weights about to be saved
+        if fabric.is_global_zero:
+            print(f"error: {e}: lower training.lr or use training.precision: 32; the last good checkpoint is kept",
+                  file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    finally:
+        stop.restore()
+        if lock:
+            lock.close()  # releases the run folder
+    if fabric.is_global_zero:
+        print(f"done: {final} (val_loss {state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
+    return 0
 
 
-def make_optimizers(model: torch.nn.Module, t) -> tuple[dict, dict]:
-    """({name: optimizer}, {name: [peak lr of each param group]}), for training.optimizer:
+def step_of(step: int, train_cfg: Training) -> str:
+    """'step 40/100' for the log lines; 'step 40 (time-boxed: 180 s)' when max_time alone ends the run."""
+    if train_cfg.max_steps is None:
+        return f"step {step} (time-boxed: {train_cfg.max_time:g} s)"
+    return f"step {step}/{train_cfg.max_steps}"
 
-    adamw  AdamW for everything, with weight decay on matrices only (decaying norm gains only hurts).
-    muon   Muon (momentum, then each update orthogonalised by Newton-Schulz iterations) for the hidden
-           matrices, the attention and MLP projections, at training.muon_lr and without weight decay; AdamW,
-           as above, for the rest: the embedding and output head (matrices that map tokens, not features)
-           and the norm gains.
-    The peak learning rates come from the config, not from a restored optimizer, so a resumed run
-    follows the config it is given now.
+
+def step_budget(train_cfg: Training, epochs_per_step: float) -> str:
+    """The plan's '1000 steps = 2.35 epochs', or, when max_time alone ends the run, its time."""
+    if train_cfg.max_steps is None:
+        return f"time-boxed: {train_cfg.max_time:g} s, no step limit (a step = {epochs_per_step:.4f} epochs)"
+    return f"{train_cfg.max_steps} steps = {train_cfg.max_steps * epochs_per_step:.2f} epochs"
+
+
+def run_validation(fabric, run: Run, model, optimizers, val_samples, state: TrainState, collate_fn) -> bool:
+    """Validate, log, draw the loss curve, save best.ckpt on a new best, apply plateau rules; True = stop early."""
+    train_cfg = run.cfg.training
+    val_loss, val_acc = validate(fabric, model, val_samples, train_cfg, collate_fn)
+    state.last_val_loss, state.validated_at = val_loss, state.step
+    if fabric.is_global_zero:
+        print(f"{step_of(state.step, train_cfg)} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f} "
+              f"| val_acc {val_acc:.3f}", flush=True)
+    fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen, "val_loss": val_loss,
+                     "val_ppl": math.exp(min(val_loss, 50)), "val_acc": val_acc, "elapsed_s": state.train_time},
+                    step=state.step)
+    if fabric.is_global_zero and "csv" in train_cfg.loggers:
+        draw_loss_curve(train_cfg.checkpoint_dir, f"{run.kind} loss")
+    if val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+        save(fabric, run, "best.ckpt", model, optimizers, state)
+    cut, stop = after_validation(state, val_loss, train_cfg)
+    if fabric.is_global_zero and cut:
+        print(f"step {state.step}: val loss has not improved for {train_cfg.reduce_on_plateau.patience} validations, "
+              f"LR cut to {train_cfg.lr * lr_multiplier(state.step - state.schedule_offset, train_cfg, state.train_time, state.plateau_scale):.2e}",
+              flush=True)
+    if fabric.is_global_zero and stop:
+        print(f"step {state.step}: early stopping, val loss has not improved for {state.stale} validations "
+              f"(best {state.plateau_best:.4f})", flush=True)
+    return stop
+
+
+@torch.no_grad()
+def validate(fabric, model, val_samples, train_cfg: Training, collate_fn=None) -> tuple[float, float]:
+    """(val loss, val accuracy) over at most val_batches batches per rank, weighted by labelled tokens.
+
+    Each rank scores its share; the sums are added across ranks, so the result is the exact token mean.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    hidden = {name for name, p in params.items() if p.dim() == 2 and name.startswith("blocks.")}
-    adamw_params = [p for name, p in params.items() if t.optimizer == "adamw" or name not in hidden]
-    groups = [{"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizers = {"adamw": torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)}
-    peak_lrs = {"adamw": [t.lr, t.lr]}
-    if t.optimizer == "muon":
-        matrices = [p for name, p in params.items() if name in hidden]
-        optimizers["muon"] = torch.optim.Muon(matrices, lr=t.muon_lr, weight_decay=0.0, momentum=0.95,
-                                              nesterov=True, ns_steps=t.muon_ns_steps)
-        peak_lrs["muon"] = [t.muon_lr]
-    return optimizers, peak_lrs
-
-
-def clip_gradients(fabric, model, optimizers: dict, max_norm: float) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / global norm) and return the global norm before clipping.
-
-    The norm is ONE number over every parameter of the model, whichever optimizer steps it: clipping each
-    optimizer's own parameters (Muon's matrices, AdamW's embeddings and norms) to max_norm separately would let
-    the update grow with the number of optimizers. With one optimizer, Fabric clips (it unscales float16
-    gradients and knows FSDP's shards); with several (training.optimizer muon, which config.py allows only
-    without float16 loss scaling and without FSDP) every gradient is a plain local tensor, and torch clips them
-    together. max_norm 0 clips nothing (the norm is still measured, for the log).
-    """
-    limit = max_norm or math.inf
-    if len(optimizers) == 1:
-        norm = fabric.clip_gradients(model, next(iter(optimizers.values())), max_norm=limit, error_if_nonfinite=False)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit, error_if_nonfinite=False)
-    return norm.detach()
-
-
-def token_loss(logits, labels):
-    """Mean cross-entropy over the labelled positions of (B, T, vocab) logits and (B, T) labels.
-
-    Labels -100 are not scored, so one loss serves packed text (every token supervised) and instruction
-    data (only the responses). A batch with no label at all gives 0 (and zero gradients), not nan.
-    """
-    summed = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return summed / (labels != -100).sum().clamp(min=1)
+    model.eval()
+    n = min(len(val_samples), train_cfg.val_batches * train_cfg.micro_batch_size * fabric.world_size)
+    totals = torch.zeros(3, device=fabric.device)  # summed NLL, correct top-1 predictions, labelled tokens
+    for x, y in loader(val_samples, train_cfg, fabric, 0, n, shuffle=False, collate_fn=collate_fn):
+        score = score_batch(model, x.to(fabric.device), y.to(fabric.device))  # eval_val.py's scorer
+        totals += torch.stack([score.nll_sum, score.correct.float(), score.tokens.float()])
+    model.train()
+    nll, correct, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
+    return nll / max(count, 1), correct / max(count, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,23 +305,23 @@ class TrainState:
     validated_at: int | None = field(default=None, metadata={"saved": False})
 
 
-def after_validation(state: TrainState, val_loss: float, t) -> tuple[bool, bool]:
+def after_validation(state: TrainState, val_loss: float, train_cfg: Training) -> tuple[bool, bool]:
     """Update the plateau counters with a new val loss; returns (cut the LR, stop early).
 
     Both count validations since val loss last beat its best by more than early_stopping.min_delta. A cut
     does not reset the early-stopping count (a cut that does not help must still lead to stopping), and
     it lasts: lr_multiplier multiplies plateau_scale in at every step.
     """
-    if val_loss < state.plateau_best - t.early_stopping.min_delta:
+    if val_loss < state.plateau_best - train_cfg.early_stopping.min_delta:
         state.plateau_best, state.stale, state.stale_since_cut = val_loss, 0, 0
         return False, False
     state.stale += 1
     state.stale_since_cut += 1
-    cut = t.lr_schedule == "plateau" and state.stale_since_cut >= t.reduce_on_plateau.patience
+    cut = train_cfg.lr_schedule == "plateau" and state.stale_since_cut >= train_cfg.reduce_on_plateau.patience
     if cut:
-        state.plateau_scale *= t.reduce_on_plateau.factor
+        state.plateau_scale *= train_cfg.reduce_on_plateau.factor
         state.stale_since_cut = 0
-    return cut, t.early_stopping.enabled and state.stale >= t.early_stopping.patience
+    return cut, train_cfg.early_stopping.enabled and state.stale >= train_cfg.early_stopping.patience
 
 
 @dataclass
@@ -188,15 +329,167 @@ class Run:
     """What a run is, as its checkpoints record it (meta) and its log lines describe it."""
 
     kind: str  # pretrain | sft
-    cfg: object  # config.Config
-    model_config: object  # model.ModelConfig
-    tokenizer: object  # the data.Tokenizer: every checkpoint carries it
+    cfg: Config
+    model_config: ModelConfig
+    tokenizer: Tokenizer  # every checkpoint carries it
     tokens_per_epoch: int  # training tokens in one pass over the data (padding included in SFT)
     plan: list  # start-up lines that describe the data, the batches and the starting point
     next_command: str  # suggested when the run is done
     precision: str = "32"  # Lightning's precision setting, and why it was chosen (start_fabric)
     precision_why: str = ""
     peak_flops: float | None = None  # measured fp32 matmul FLOP/s: the yardstick of the MFU figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate, optimizer, gradients and loss
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, train_cfg: Training, elapsed: float = 0.0, plateau_scale: float = 1.0) -> float:
+    """The learning rate of optimizer step `step` as a fraction of the peak (training.lr).
+
+    First a linear warm-up: 1/W, 2/W, ... 1 over W = warmup_ratio * max_steps steps. Then, by lr_schedule:
+      warmup_cosine  a half cosine down to min_lr_ratio at max_steps;
+      wsd            warm-up, stable, decay: flat at the peak, then a straight line down to min_lr_ratio
+                     over the last cooldown_ratio of the run;
+      plateau        flat, multiplied by `plateau_scale`, which validation cuts when the loss stalls
+                     (never below reduce_on_plateau.min_lr).
+    With training.max_time the same shape is laid over the share of the budget used after `elapsed`
+    seconds, p = max((step + 1) / max_steps, elapsed / max_time) (p = elapsed / max_time when max_steps is
+    null): warm-up while p < warmup_ratio, and the schedule reaches its floor exactly when time (or steps)
+    run out, however fast the machine is.
+    """
+    if train_cfg.max_time:
+        used = elapsed / train_cfg.max_time
+        if train_cfg.max_steps is not None:
+            used = max(used, (step + 1) / train_cfg.max_steps)
+        if used < train_cfg.warmup_ratio:
+            return used / train_cfg.warmup_ratio
+        progress = (used - train_cfg.warmup_ratio) / (1 - train_cfg.warmup_ratio)
+    else:
+        warmup = int(train_cfg.warmup_ratio * train_cfg.max_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, train_cfg.max_steps - warmup)
+    progress = min(1.0, progress)  # share of the run after warm-up
+    if train_cfg.lr_schedule == "plateau":
+        return max(plateau_scale, train_cfg.reduce_on_plateau.min_lr / train_cfg.lr)
+    if train_cfg.lr_schedule == "wsd":
+        cooling = max(0.0, progress - (1 - train_cfg.cooldown_ratio)) / train_cfg.cooldown_ratio  # 0 until the cool-down, then to 1
+        return 1 - (1 - train_cfg.min_lr_ratio) * cooling
+    return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizers(model: torch.nn.Module, train_cfg: Training) -> tuple[dict, dict]:
+    """({name: optimizer}, {name: [peak lr of each param group]}), for training.optimizer:
+
+    adamw  AdamW for everything, with weight decay on matrices only (decaying norm gains only hurts).
+    muon   Muon (momentum, then each update orthogonalised by Newton-Schulz iterations) for the hidden
+           matrices, the attention and MLP projections, at training.muon_lr and without weight decay; AdamW,
+           as above, for the rest: the embedding and output head (matrices that map tokens, not features)
+           and the norm gains.
+    The peak learning rates come from the config, not from a restored optimizer, so a resumed run
+    follows the config it is given now.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    hidden = {name for name, p in params.items() if p.dim() == 2 and name.startswith("blocks.")}
+    adamw_params = [p for name, p in params.items() if train_cfg.optimizer == "adamw" or name not in hidden]
+    groups = [{"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+              {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers = {"adamw": torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps)}
+    peak_lrs = {"adamw": [train_cfg.lr, train_cfg.lr]}
+    if train_cfg.optimizer == "muon":
+        matrices = [p for name, p in params.items() if name in hidden]
+        optimizers["muon"] = torch.optim.Muon(matrices, lr=train_cfg.muon_lr, weight_decay=0.0, momentum=0.95,
+                                              nesterov=True, ns_steps=train_cfg.muon_ns_steps)
+        peak_lrs["muon"] = [train_cfg.muon_lr]
+    return optimizers, peak_lrs
+
+
+def sequences_per_step(train_cfg: Training, world_size: int) -> int:
+    """Sequences in one optimizer step: micro_batch_size on each device, grad_accum_steps times, on every device."""
+    return train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world_size
+
+
+def clip_gradients(fabric, model, optimizers: dict, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / global norm) and return the global norm before clipping.
+
+    The norm is ONE number over every parameter of the model, whichever optimizer steps it: clipping each
+    optimizer's own parameters (Muon's matrices, AdamW's embeddings and norms) to max_norm separately would let
+    the update grow with the number of optimizers. With one optimizer, Fabric clips (it unscales float16
+    gradients and knows FSDP's shards); with several (training.optimizer muon, which config.py allows only
+    without float16 loss scaling and without FSDP) every gradient is a plain local tensor, and torch clips them
+    together. max_norm 0 clips nothing (the norm is still measured, for the log).
+    """
+    limit = max_norm or math.inf
+    if len(optimizers) == 1:
+        norm = fabric.clip_gradients(model, next(iter(optimizers.values())), max_norm=limit, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit, error_if_nonfinite=False)
+    return norm.detach()
+
+
+def token_loss(logits, labels):
+    """Mean cross-entropy over the labelled positions of (B, T, vocab) logits and (B, T) labels.
+
+    Labels -100 are not scored, so one loss serves packed text (every token supervised) and instruction
+    data (only the responses). A batch with no label at all gives 0 (and zero gradients), not nan.
+    """
+    summed = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return summed / (labels != -100).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def loader(samples, train_cfg: Training, fabric, start: int, stop: int | None, shuffle: bool, collate_fn=None, workers: int = 0):
+    """A DataLoader over samples[start:stop] (in seeded epochs when shuffle), this rank's share only; stop
+    None: to the end (endless when shuffle: a time-boxed run, which max_time ends).
+
+    The sampler hands rank r the samples start+r, start+r+world, ...: sharding happens once, here. A
+    generator of its own keeps the DataLoader from drawing on the global random state (dropout's).
+    """
+    dataset = ShuffledPasses(samples, train_cfg.seed) if shuffle else samples
+    sampler = StridedSampler(start, len(dataset) if stop is None else stop, fabric.global_rank, fabric.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=train_cfg.micro_batch_size, sampler=sampler, drop_last=shuffle,
+                                       num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
+                                       generator=torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on a signal
+# ---------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (kill, a container stop, a cluster scheduler) asks the loop to stop.
+
+    The first signal only sets `received`: the loop finishes the optimizer step it is in, saves a
+    checkpoint and exits. A second Ctrl-C stops at once, without saving.
+    """
+
+    def __init__(self, announce: bool):
+        self.received, self.announce = None, announce
+        self.previous = {s: signal.signal(s, self.handle) for s in EXIT_INTERRUPTED}
+
+    def handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command() -> str:
+    """The command that started this run, without --no_resume: what to type to continue it."""
+    return "python " + shlex.join(a for a in sys.argv if a not in ("--no_resume", "--no-resume"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +531,9 @@ def start_fabric(cfg, launch: bool = True):
 
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)  # our own start-up lines say what matters
 
-    hw, t = cfg.hardware, cfg.training
+    hw, train_cfg = cfg.hardware, cfg.training
     device = pick_device(hw.accelerator, strict=False)
-    precision, why = choose_precision(t.precision, device)
+    precision, why = choose_precision(train_cfg.precision, device)
     strategy = hw.strategy
     if strategy == "fsdp":
         if device.type != "cuda":
@@ -318,8 +611,15 @@ def periodic_checkpoints(folder: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("step=", 1)[1].split(".")[0]))
 
 
-def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
-    """(path, meta) of the newest checkpoint in `folder` (not its subfolders) to resume from, or None.
+class ResumePoint(NamedTuple):
+    """A checkpoint to continue from: its file and its meta (train_state included)."""
+
+    path: str
+    meta: dict
+
+
+def find_resume_checkpoint(folder: str, model_config: ModelConfig, tokenizer: Tokenizer, kind: str) -> ResumePoint | None:
+    """The newest checkpoint in `folder` (not its subfolders) to resume from, or None.
 
     A checkpoint of another architecture, tokenizer (by content: a tokenizer retrained under the same
     name is another tokenizer) or kind stops the run with a message instead of being silently ignored.
@@ -347,31 +647,31 @@ def find_resume_checkpoint(folder: str, model_config, tokenizer, kind: str):
     if "train_state" not in meta:
         raise UsageError(f"cannot resume from {path}: it holds no training state (an imported model, or a file "
                          "from an older version); pass --no_resume or set training.checkpoint_dir elsewhere")
-    return path, meta
+    return ResumePoint(path, meta)
 
 
-def already_done(resume, t) -> bool:
+def already_done(resume_from: ResumePoint | None, train_cfg: Training) -> bool:
     """True, and says so, when the checkpoint to resume from has already reached training.max_steps/max_time."""
-    if resume and t.max_steps is not None and resume[1]["step"] >= t.max_steps:
-        print(f"{resume[0]} is already at step {resume[1]['step']} of training.max_steps={t.max_steps}: "
+    if resume_from and train_cfg.max_steps is not None and resume_from.meta["step"] >= train_cfg.max_steps:
+        print(f"{resume_from.path} is already at step {resume_from.meta['step']} of training.max_steps={train_cfg.max_steps}: "
               "nothing to do (raise max_steps to train longer, or pass --no_resume)")
         return True
-    trained = resume[1]["train_state"]["train_time"] if resume else 0.0
-    if resume and t.max_time and not t.reset_lr_on_resume and trained >= t.max_time:
-        print(f"{resume[0]} has already trained {trained:.0f} s of training.max_time={t.max_time:g}: "
+    trained = resume_from.meta["train_state"]["train_time"] if resume_from else 0.0
+    if resume_from and train_cfg.max_time and not train_cfg.reset_lr_on_resume and trained >= train_cfg.max_time:
+        print(f"{resume_from.path} has already trained {trained:.0f} s of training.max_time={train_cfg.max_time:g}: "
               "nothing to do (raise max_time to train longer, or pass --no_resume)")
         return True
     return False
 
 
-def resume(fabric, path: str, model, optimizers: dict, t) -> TrainState:
+def restore(fabric, path: str, model, optimizers: dict, train_cfg: Training) -> TrainState:
     """Restore weights, optimizer moments, random state and the loop's state from a checkpoint."""
     rest = fabric.load(path, {"state_dict": model, **optimizers}, strict=False, weights_only=True)
     torch.set_rng_state(rest["rng"]["torch"])
     if torch.cuda.is_available() and rest["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
     state = TrainState(**rest["meta"]["train_state"])
-    if t.reset_lr_on_resume:  # the schedule (warm-up included) and the time budget start again here
+    if train_cfg.reset_lr_on_resume:  # the schedule (warm-up included) and the time budget start again here
         state.schedule_offset, state.train_time = state.step, 0.0
     return state
 
@@ -528,268 +828,3 @@ def draw_loss_curve(folder: str, title: str) -> None:
         plot_loss_curve(os.path.join(folder, "metrics.csv"), os.path.join(folder, "loss_curve.png"), title)
     except Exception as e:  # noqa: BLE001  (say it, keep training)
         print(f"warning: could not draw loss_curve.png: {type(e).__name__}: {e}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def loader(samples, t, fabric, start: int, stop: int | None, shuffle: bool, collate_fn=None, workers: int = 0):
-    """A DataLoader over samples[start:stop] (in seeded epochs when shuffle), this rank's share only; stop
-    None: to the end (endless when shuffle: a time-boxed run, which max_time ends).
-
-    The sampler hands rank r the samples start+r, start+r+world, ...: sharding happens once, here. A
-    generator of its own keeps the DataLoader from drawing on the global random state (dropout's).
-    """
-    dataset = ShuffledPasses(samples, t.seed) if shuffle else samples
-    sampler = StridedSampler(start, len(dataset) if stop is None else stop, fabric.global_rank, fabric.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=shuffle,
-                                       num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
-                                       generator=torch.Generator())
-
-
-@torch.no_grad()
-def validate(fabric, model, val_samples, t, collate_fn=None) -> tuple[float, float]:
-    """(val loss, val accuracy) over at most val_batches batches per rank, weighted by labelled tokens.
-
-    Each rank scores its share; the sums are added across ranks, so the result is the exact token mean.
-    """
-    model.eval()
-    n = min(len(val_samples), t.val_batches * t.micro_batch_size * fabric.world_size)
-    totals = torch.zeros(3, device=fabric.device)  # summed NLL, correct top-1 predictions, labelled tokens
-    for x, y in loader(val_samples, t, fabric, 0, n, shuffle=False, collate_fn=collate_fn):
-        score = score_batch(model, x.to(fabric.device), y.to(fabric.device))  # eval_val.py's scorer
-        totals += torch.stack([score.nll_sum, score.correct.float(), score.tokens.float()])
-    model.train()
-    nll, correct, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
-    return nll / max(count, 1), correct / max(count, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping on a signal
-# ---------------------------------------------------------------------------------------------
-
-
-class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (kill, a container stop, a cluster scheduler) asks the loop to stop.
-
-    The first signal only sets `received`: the loop finishes the optimizer step it is in, saves a
-    checkpoint and exits. A second Ctrl-C stops at once, without saving.
-    """
-
-    def __init__(self, announce: bool):
-        self.received, self.announce = None, announce
-        self.previous = {s: signal.signal(s, self.handle) for s in EXIT_INTERRUPTED}
-
-    def handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                  "(Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def resume_command() -> str:
-    """The command that started this run, without --no_resume: what to type to continue it."""
-    return "python " + shlex.join(a for a in sys.argv if a not in ("--no_resume", "--no-resume"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-
-def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples, val_samples, state: TrainState,
-        collate_fn=None) -> int:
-    """Train until training.max_steps, max_time, early stopping, a non-finite loss or a stop signal.
-
-    Returns the exit code: 0 done (final.ckpt written), 1 diverged (the last good checkpoint kept),
-    130/143 stopped by SIGINT/SIGTERM (a checkpoint saved: the same command resumes).
-    """
-    t, world, folder = run.cfg.training, fabric.world_size, run.cfg.training.checkpoint_dir
-    network = model.module if hasattr(model, "module") else model  # the Transformer inside Fabric's wrapper
-    flops_per_token = network.flops_per_token(t.seq_len)
-    peak = run.peak_flops = matmul_peak_flops(fabric.device)
-    samples_per_step = t.micro_batch_size * t.grad_accum_steps * world
-    end = None if t.max_steps is None else t.max_steps * samples_per_step  # None: time-boxed, no last sample
-    batches = iter(loader(train_samples, t, fabric, state.step * samples_per_step, end, shuffle=True,
-                          collate_fn=collate_fn, workers=run.cfg.hardware.num_workers))
-    lock = claim_run_folder(fabric, folder, fresh=state.step == 0)  # before anything touches the folder
-    stop = StopSignal(announce=fabric.is_global_zero)
-    try:
-        # metrics.csv: Lightning's CSV logger starts the file afresh, so a resumed run first logs again the
-        # rows up to its checkpoint (dropping any that an interrupted run wrote after it).
-        for row in logged_rows(os.path.join(folder, "metrics.csv"), state.step) if fabric.is_global_zero else []:
-            fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-        if fabric.is_global_zero:
-            print(f"model: {network.num_parameters():,} parameters "
-                  f"({network.num_parameters(exclude_embeddings=True):,} without embeddings), "
-                  f"{flops_per_token / 1e6:.1f} MFLOPs/token (fwd+bwd)")
-            print("\n".join(run.plan))
-            print(f"device: {fabric.device.type} x {world}, precision {run.precision} ({run.precision_why}); "
-                  f"matmul peak {peak / 1e9:.0f} GFLOP/s (fp32, measured; MFU is against it"
-                  f"{', even in half precision' if run.precision not in ('32', '32-true') else ''})", flush=True)
-            if t.max_time:
-                print(f"time budget: {t.max_time:g} s of training (training.max_time); the LR schedule follows "
-                      "the clock")
-        started, time_before, start_step = time.monotonic(), state.train_time, state.step
-        log_start, log_tokens, log_supervised, losses = started, state.tokens_seen, state.supervised_seen, []
-        grad_norms = []  # the global gradient norm of each step since the last log line, before clipping
-        while t.max_steps is None or state.step < t.max_steps:
-            # 1. The learning rate of this step: the one place it is set.
-            lr_scale = lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale)
-            for name, optimizer in optimizers.items():
-                for group, peak_lr in zip(optimizer.param_groups, peak_lrs[name]):
-                    group["lr"] = peak_lr * lr_scale
-
-            # 2. Forward and backward over grad_accum_steps micro-batches: the gradients add up. Ranks average
-            #    their gradients once, in the last backward (no_backward_sync skips it in the others).
-            loss_sum, tokens, supervised = 0.0, 0, 0
-            for micro in range(t.grad_accum_steps):
-                x, y = next(batches)
-                x, y = x.to(fabric.device), y.to(fabric.device)  # (B, T) token ids, (B, T) next-token labels
-                with fabric.no_backward_sync(model, enabled=world > 1 and micro < t.grad_accum_steps - 1):
-                    loss = token_loss(model(x), y)
-                    fabric.backward(loss / t.grad_accum_steps)
-                loss_sum += loss.detach()
-                tokens, supervised = tokens + x.numel(), supervised + (y != -100).sum()
-
-            # 3. One exchange between ranks per step (mean loss, token counts, the clock, a stop signal), so that
-            #    every rank takes the same decision (the LR, stopping) at the same step.
-            elapsed = time_before + time.monotonic() - started
-            shared = torch.tensor([float(loss_sum) / t.grad_accum_steps, tokens, float(supervised), elapsed,
-                                   float(stop.received is not None)], device=fabric.device)
-            shared = fabric.all_reduce(shared, reduce_op="sum") / torch.tensor([world, 1, 1, world, 1],
-                                                                               device=fabric.device)
-            loss_mean, tokens, supervised, elapsed, stopping = shared.tolist()
-            if not math.isfinite(loss_mean):
-                raise FloatingPointError(f"loss became {loss_mean} at step {state.step}")
-
-            # 4. Clip the gradients' global norm (once, over every parameter), then step each optimizer.
-            grad_norms.append(clip_gradients(fabric, model, optimizers, t.grad_clip))
-            for optimizer in optimizers.values():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += round(tokens)
-            state.supervised_seen += round(supervised)
-            state.train_time = elapsed
-            losses.append(loss_mean)
-            out_of_time = bool(t.max_time) and state.train_time >= t.max_time
-            last_step = state.step == t.max_steps or out_of_time
-
-            # 5. A log line and a metrics row every log_every steps (and at the last): loss, LR, speed, MFU, ETA.
-            if state.step % t.log_every == 0 or last_step:
-                now = time.monotonic()
-                state.last_train_loss = sum(losses) / len(losses)
-                grad_norm = float(torch.stack(grad_norms).mean())
-                tok_s = (state.tokens_seen - log_tokens) / max(now - log_start, 1e-9)
-                sup_s = (state.supervised_seen - log_supervised) / max(now - log_start, 1e-9)
-                mfu = tok_s * flops_per_token / peak / world
-                eta = math.inf  # time-boxed (max_steps null): only max_time's rest, below
-                if t.max_steps is not None:
-                    eta = (now - started) / max(state.step - start_step, 1) * (t.max_steps - state.step)
-                if t.max_time:
-                    eta = min(eta, max(0.0, t.max_time - state.train_time))
-                lr = next(iter(optimizers.values())).param_groups[0]["lr"]
-                if fabric.is_global_zero:
-                    # SFT: tok/s counts every position computed (padding included), supervised tok/s the trained-on ones.
-                    sup_text = f"{sup_s:,.0f} supervised tok/s | " if run.kind == "sft" else ""
-                    print(f"{step_of(state.step, t)} | loss {state.last_train_loss:.4f} | lr {lr:.2e} | "
-                          f"grad norm {grad_norm:.3f} | "
-                          f"{tok_s:,.0f} tok/s | {sup_text}MFU {100 * mfu:.1f}% | "
-                          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-                fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen,
-                                 "train_loss": state.last_train_loss, "grad_norm": grad_norm, "lr": lr,
-                                 "tokens_per_s": tok_s,
-                                 "supervised_tokens_per_s": sup_s, "mfu": mfu, "elapsed_s": state.train_time},
-                                step=state.step)
-                losses, log_start, log_tokens, log_supervised = [], now, state.tokens_seen, state.supervised_seen
-                grad_norms = []
-
-            # 6. Validation every val_every steps: log it, keep the best weights, cut the LR or stop on a plateau.
-            early_stop = False
-            if t.val_every and state.step % t.val_every == 0:
-                early_stop = run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
-
-            # 7. A checkpoint every save_every steps (after this step's validation, so that it records it), and
-            #    when a signal asks to stop.
-            interrupted = stopping and not last_step
-            if t.save_every and state.step % t.save_every == 0 or interrupted:
-                save(fabric, run, f"epoch={int(epochs(run, state) or 0)}-step={state.step}.ckpt", model,
-                     optimizers, state)
-                if fabric.is_global_zero:
-                    prune(folder, t.keep_last)
-
-            # 8. Stop early?
-            if interrupted:
-                if fabric.is_global_zero:
-                    print(f"interrupted at step {state.step}: saved {os.path.join(folder, 'last.ckpt')}; to resume, "
-                          f"run the same command again: {resume_command()}", file=sys.stderr, flush=True)
-                return EXIT_INTERRUPTED.get(stop.received, 130)
-            if early_stop or out_of_time:
-                break
-
-        # The end: validate the final weights (unless this very step did), write final.ckpt.
-        if state.validated_at != state.step:
-            run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
-        final = save(fabric, run, "final.ckpt", model, optimizers, state)
-    except FloatingPointError as e:  # a non-finite loss, or weights about to be saved
-        if fabric.is_global_zero:
-            print(f"error: {e}: lower training.lr or use training.precision: 32; the last good checkpoint is kept",
-                  file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    finally:
-        stop.restore()
-        if lock:
-            lock.close()  # releases the run folder
-    if fabric.is_global_zero:
-        print(f"done: {final} (val_loss {state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
-    return 0
-
-
-def step_of(step: int, t) -> str:
-    """'step 40/100' for the log lines; 'step 40 (time-boxed: 180 s)' when max_time alone ends the run."""
-    if t.max_steps is None:
-        return f"step {step} (time-boxed: {t.max_time:g} s)"
-    return f"step {step}/{t.max_steps}"
-
-
-def step_budget(t, epochs_per_step: float) -> str:
-    """The plan's '1000 steps = 2.35 epochs', or, when max_time alone ends the run, its time."""
-    if t.max_steps is None:
-        return f"time-boxed: {t.max_time:g} s, no step limit (a step = {epochs_per_step:.4f} epochs)"
-    return f"{t.max_steps} steps = {t.max_steps * epochs_per_step:.2f} epochs"
-
-
-def run_validation(fabric, run: Run, model, optimizers, val_samples, state: TrainState, collate_fn) -> bool:
-    """Validate, log, draw the loss curve, save best.ckpt on a new best, apply plateau rules; True = stop early."""
-    t = run.cfg.training
-    val_loss, val_acc = validate(fabric, model, val_samples, t, collate_fn)
-    state.last_val_loss, state.validated_at = val_loss, state.step
-    if fabric.is_global_zero:
-        print(f"{step_of(state.step, t)} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f} "
-              f"| val_acc {val_acc:.3f}", flush=True)
-    fabric.log_dict({"epoch": epochs(run, state), "tokens_seen": state.tokens_seen, "val_loss": val_loss,
-                     "val_ppl": math.exp(min(val_loss, 50)), "val_acc": val_acc, "elapsed_s": state.train_time},
-                    step=state.step)
-    if fabric.is_global_zero and "csv" in t.loggers:
-        draw_loss_curve(t.checkpoint_dir, f"{run.kind} loss")
-    if val_loss < state.best_val_loss:
-        state.best_val_loss = val_loss
-        save(fabric, run, "best.ckpt", model, optimizers, state)
-    cut, stop = after_validation(state, val_loss, t)
-    if fabric.is_global_zero and cut:
-        print(f"step {state.step}: val loss has not improved for {t.reduce_on_plateau.patience} validations, "
-              f"LR cut to {t.lr * lr_multiplier(state.step - state.schedule_offset, t, state.train_time, state.plateau_scale):.2e}",
-              flush=True)
-    if fabric.is_global_zero and stop:
-        print(f"step {state.step}: early stopping, val loss has not improved for {state.stale} validations "
-              f"(best {state.plateau_best:.4f})", flush=True)
-    return stop

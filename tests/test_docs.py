@@ -125,14 +125,14 @@ def test_every_documented_key_is_read_outside_config_py():
 
 
 def test_config_keys_read_by_the_scripts_exist():
-    """`cfg.training.x`, `t.x` (t = cfg.training in train.py/finetune.py), `hw.x`, `data.x` in data.py, sources.py."""
+    """`cfg.training.x`, `train_cfg.x` (= cfg.training), `hw.x`, `data.x` in data.py, sources.py."""
     known = set(code_keys())
     reads = []
     for path in list(ROOT.glob("*.py")) + list(ROOT.glob("benchmarks/*.py")):
         text = path.read_text()
         reads += re.findall(r"\bcfg\.((?:model|training|hardware|data|finetune)\.\w+(?:\.\w+)?)", text)
         if path.name in ("train.py", "training.py", "finetune.py", "eval_val.py"):
-            reads += ["training." + k for k in re.findall(r"(?<![\w.])(?:self\.)?t\.(\w+(?:\.\w+)?)", text)]
+            reads += ["training." + k for k in re.findall(r"(?<![\w.])(?:self\.)?train_cfg\.(\w+(?:\.\w+)?)", text)]
             reads += ["hardware." + k for k in re.findall(r"(?<![\w.])hw\.(\w+)", text)]
         if path.name in ("data.py", "sources.py"):
             functions = set(re.findall(r"^def (\w+)", text, re.M))

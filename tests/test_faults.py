@@ -126,9 +126,9 @@ def test_kill_9_during_a_large_checkpoint_write_leaves_only_whole_checkpoints(tm
     partial = list(ckpts.glob("*.ckpt.tmp*"))
     assert partial, "the kill was meant to land while a checkpoint was being written"
     every_ckpt_loads(ckpts)
-    resume = training.find_resume_checkpoint(str(ckpts), *model_and_tokenizer(config))
-    assert resume is not None and resume[1]["step"] >= 1  # auto-resume picks a whole checkpoint, never the .tmp
-    load_checkpoint(resume[0])  # (that the same command then finishes exactly is the test above)
+    resume_from = training.find_resume_checkpoint(str(ckpts), *model_and_tokenizer(config))
+    assert resume_from is not None and resume_from.meta["step"] >= 1  # auto-resume picks a whole checkpoint, never the .tmp
+    load_checkpoint(resume_from.path)  # (that the same command then finishes exactly is the test above)
 
 
 def model_and_tokenizer(config):

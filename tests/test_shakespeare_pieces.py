@@ -163,13 +163,13 @@ def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
         model = Transformer(model_config(cfg, meta["model_config"]["vocab_size"]))
         optimizers, _ = training.make_optimizers(model, cfg.training)
         model, optimizers = training.setup(fabric, model, optimizers)
-        state = training.resume(fabric, str(tiny_ckpt), model, optimizers, cfg.training)
+        state = training.restore(fabric, str(tiny_ckpt), model, optimizers, cfg.training)
         assert state.step == 6
         assert (state.train_time, state.schedule_offset) == ((0.0, 6) if reset else (trained, 0))
 
     cfg = load_config(str(write_config(tmp_path, {"training": {"max_time": 100.0, "max_steps": None}})))
-    assert training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 100.5}}), cfg.training)
-    assert not training.already_done(("x.ckpt", {"step": 40, "train_state": {"train_time": 60.0}}), cfg.training)
+    assert training.already_done(training.ResumePoint("x.ckpt", {"step": 40, "train_state": {"train_time": 100.5}}), cfg.training)
+    assert not training.already_done(training.ResumePoint("x.ckpt", {"step": 40, "train_state": {"train_time": 60.0}}), cfg.training)
 
 
 def test_training_stops_when_time_is_up(tmp_path, capsys):

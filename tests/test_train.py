@@ -255,7 +255,7 @@ def test_train_py_reads_top_to_bottom_in_run_order():
     assert len(source.splitlines()) <= 350
     body = source[source.index("def main("):]
     steps = ["load_config", "load_tokenizer", "start_fabric", "split_documents", "Transformer(", "make_optimizers",
-             "training.resume", "training.fit"]
+             "training.restore", "training.fit"]
     positions = [body.index(step) for step in steps]
     assert positions == sorted(positions)
     finetune_source = (ROOT / "finetune.py").read_text()
