@@ -231,7 +231,7 @@ def check_weights(state_dict: dict, config, where: str) -> None:
     """Every parameter the model of `config` needs is in state_dict, with its shape, and nothing else.
 
     For scripts that use weights without building the model (convert.py, finetune.py --dry-run): the model
-    is built on the meta device, which holds shapes only (its first use costs ~1 s of imports).
+    is built on the meta device, which holds shapes only (its first use imports more of torch).
     """
     import torch
 
@@ -256,6 +256,18 @@ def load_weights(model, state_dict: dict, where: str, assign: bool = False) -> N
         problem = " ".join(str(e).split())[:200]
         raise UsageError(f"{where}: the weights do not match the model its meta describes ({problem}): "
                          "the file is damaged or not ours") from None
+
+
+def same_files(paths: list[str]) -> list[list[str]]:
+    """The paths grouped by the file they name, in first-seen order: a checkpoint and its hard links (best.ckpt,
+    last.ckpt and final.ckpt are often one file under several names) form one group. A path given twice counts once."""
+    groups = {}  # (device, inode) -> the paths naming that file
+    for path in paths:
+        stat = os.stat(path)
+        names = groups.setdefault((stat.st_dev, stat.st_ino), [])
+        if path not in names:
+            names.append(path)
+    return list(groups.values())
 
 
 def read_meta(path: str) -> dict:

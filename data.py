@@ -135,7 +135,7 @@ def load_tokens(docs: Iterable[str], tokenizer: Tokenizer, data, part: str) -> t
     `docs` is one part ("train" or "val") of split_documents(data). The first run tokenizes and writes
     KEY.bin (raw int32 token ids) and then KEY.json (what they are: count, sha256, vocabulary), each
     fsynced and renamed into place. Later runs check KEY.bin against KEY.json (its size, its sha256, its
-    ids against the tokenizer: 1.65 s for 1 GiB on a 2-core CPU) and memory-map it without reading
+    ids against the tokenizer) and memory-map it without reading
     `docs` at all, so training starts within seconds even on a large corpus. A cache entry that does not
     match (cut short, overwritten, its .json missing or different) is rebuilt, saying so in one line.
     """

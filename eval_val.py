@@ -95,7 +95,11 @@ def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | 
         n_windows = min(n_windows, max_batches * batch_size)
     if n_windows == 0:
         raise UsageError("no validation windows to score: the held-out text is shorter than seq_len+1 tokens")
-    nll_sum, n_tokens, scored, per_token, batches = 0.0, 0, [], [], 0
+    nll_sum = 0.0  # nats, over every scored target
+    n_tokens = 0
+    scored = []  # the scored target ids, for the byte count
+    per_token = []  # each target's NLL (token_nll=True)
+    batches = 0
     start = time.time()
     for first in range(0, n_windows, batch_size):
         pairs = [windows[i] for i in range(first, min(first + batch_size, n_windows))]

@@ -32,6 +32,7 @@ import os
 import torch
 
 import infer
+from checkpoint import same_files
 from cli import UsageError, check_output_file, pick_device, run_cli
 from config import load_config
 from eval_val import score_logits
@@ -60,21 +61,13 @@ def expand(spec: str, extensions: tuple) -> list[str]:
 
 def find_checkpoints(specs: list[str]) -> list[dict]:
     """[{path, aliases}] of distinct files: hard links to one file are listed once, with their other names."""
-    files, by_inode = [], {}
+    paths = []
     for spec in specs:
-        paths = expand(spec, (".ckpt",))
-        if not paths:
+        found = expand(spec, (".ckpt",))
+        if not found:
             raise UsageError(f"no checkpoint matches {spec!r}: train one first, or check the path with `python list.py`")
-        for path in paths:
-            stat = os.stat(path)
-            key = (stat.st_dev, stat.st_ino)
-            if key in by_inode:
-                if path != by_inode[key]["path"] and path not in by_inode[key]["aliases"]:
-                    by_inode[key]["aliases"].append(path)
-                continue
-            by_inode[key] = {"path": path, "aliases": []}
-            files.append(by_inode[key])
-    return files
+        paths += found
+    return [{"path": names[0], "aliases": names[1:]} for names in same_files(paths)]
 
 
 def read_case_file(path: str) -> list[dict]:
@@ -118,7 +111,10 @@ def load_cases(spec: str) -> tuple[list[dict], list[dict]]:
         if not found:
             raise UsageError(f"no case file matches {part!r}: give a .yaml/.json file, a folder or a glob (see cases/)")
         paths += [p for p in found if p not in paths]
-    cases, duplicates, seen, names = [], [], {}, set()
+    cases = []
+    duplicates = []
+    seen = {}
+    names = set()
     for path in paths:
         for case in read_case_file(path):
             key = (case["prompt"], case["target"])

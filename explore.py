@@ -181,29 +181,29 @@ class Explorer:
         seed = integer(body, "seed", 0, 0, 2**31 - 1)
         top = integer(body, "top", 20, 1, 100)
         with self.lock:
-            index, run = self.checkpoint(body)
-            ids = prompt_ids(body, run)
-            stages = filter_stages(self.next_logits(index, run, ids), ids, settings)
+            index, loaded = self.checkpoint(body)
+            ids = prompt_ids(body, loaded)
+            stages = filter_stages(self.next_logits(index, loaded, ids), ids, settings)
             final = stages[-1][1][None]  # (1, vocab): what infer.py samples from
             generator = torch.Generator().manual_seed(seed)
             sampled = int(infer.choose_tokens(final, settings["temperature"], [generator])[0])
             greedy = int(infer.choose_tokens(final, 0, [generator])[0])
             probs = torch.stack([stage_scores.softmax(-1) for _, stage_scores in stages])  # (stages, vocab)
-            return {"ids": ids, "text": run.tokenizer.decode(ids), "stages": stage_summaries(stages, probs),
-                    "tokens": top_tokens(stages, probs, run.tokenizer, top, [greedy, sampled]),
+            return {"ids": ids, "text": loaded.tokenizer.decode(ids), "stages": stage_summaries(stages, probs),
+                    "tokens": top_tokens(stages, probs, loaded.tokenizer, top, [greedy, sampled]),
                     "greedy": greedy, "sampled": sampled, "seed": seed, "temperature": settings["temperature"]}
 
     def tokens(self, body: dict) -> dict:
         """How the text splits into tokens, and how surprised the model is by each (eval_val.py's scoring)."""
         check_keys(body, "ckpt", "text", "ids")
         with self.lock:
-            _, run = self.checkpoint(body)
-            ids, tokenizer = prompt_ids(body, run), run.tokenizer
+            _, loaded = self.checkpoint(body)
+            ids, tokenizer = prompt_ids(body, loaded), loaded.tokenizer
             # The text as one held-out document, scored as eval_val.py scores one: inputs = the tokens,
             # targets = the same shifted by one and closed by EOS. One forward gives the totals (bits per
             # byte included) and the per-token losses behind the colours.
             x, y = torch.tensor(ids), torch.tensor(ids[1:] + [tokenizer.eos_id])
-            totals = evaluate(run.model, [(x, y)], tokenizer, batch_size=1, device=run.device, token_nll=True)
+            totals = evaluate(loaded.model, [(x, y)], tokenizer, batch_size=1, device=loaded.device, token_nll=True)
             nll = totals["token_nll"]  # nats, one per target
 
         def surprise(loss):
@@ -220,15 +220,15 @@ class Explorer:
         """One layer's and head's attention weights for the text: (T, T), row = query, column = key."""
         check_keys(body, "ckpt", "text", "ids", "layer", "head")
         with self.lock:
-            index, run = self.checkpoint(body)
-            config = run.model.config
+            index, loaded = self.checkpoint(body)
+            config = loaded.model.config
             layer = integer(body, "layer", 0, 0, config.n_layers - 1)
             head = integer(body, "head", 0, 0, config.n_heads - 1)
-            ids = prompt_ids(body, run)
+            ids = prompt_ids(body, loaded)
             if self.attention_cache is None or self.attention_cache[:2] != (index, ids):
-                self.attention_cache = (index, ids, record_attention(run.model, ids, run.device))
+                self.attention_cache = (index, ids, record_attention(loaded.model, ids, loaded.device))
             weights = self.attention_cache[2][layer][head]  # (T, T)
-        return {"ids": ids, "pieces": [run.tokenizer.decode([t]) for t in ids], "layer": layer, "head": head,
+        return {"ids": ids, "pieces": [loaded.tokenizer.decode([t]) for t in ids], "layer": layer, "head": head,
                 "kv_head": head // (config.n_heads // config.n_kv_heads), "n_layers": config.n_layers,
                 "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "swa_window": config.swa_window,
                 "weights": weights.tolist()}
@@ -244,29 +244,32 @@ class Explorer:
         seed = integer(body, "seed", 0, 0, 2**31 - 1)
         max_new_tokens = integer(body, "max_new_tokens", 50, 1, MAX_NEW_TOKENS)
         with self.lock:
-            _, run = self.checkpoint(body)
+            _, loaded = self.checkpoint(body)
             if "instruction" in body:
                 if "text" in body or "ids" in body:
                     raise UsageError("give an instruction, or text/ids to continue, not both")
                 if not isinstance(body["instruction"], str) or not body["instruction"].strip():
                     raise UsageError("instruction must be a non-empty string")
-                ids = prompt_ids({"text": format_instruction(body["instruction"])}, run)
+                ids = prompt_ids({"text": format_instruction(body["instruction"])}, loaded)
             else:
-                ids = prompt_ids(body, run)
+                ids = prompt_ids(body, loaded)
         stops = [infer.INSTRUCTION_STOP] if "instruction" in body else []
         sampling = {**{k: v["off"] for k, v in SETTINGS.items()}, **settings, "no_repeat_ngram_size": 0}
-        steps = infer.generate(run.model, ids, max_new_tokens, sampling, [torch.Generator(run.device).manual_seed(seed)],
-                               head=run.head)
+        steps = infer.generate(loaded.model, ids, max_new_tokens, sampling, [torch.Generator(loaded.device).manual_seed(seed)],
+                               head=loaded.head)
 
         def lines():
-            stream, started, count, reason = infer.TextStream(run.tokenizer, stops), time.perf_counter(), 0, "length"
+            stream = infer.TextStream(loaded.tokenizer, stops)
+            started = time.perf_counter()
+            count = 0
+            reason = "length"
             while True:
                 with self.lock:
                     step = next(steps, None)
                 if step is None:
                     break
                 token, count = int(step[0][0]), count + 1
-                if token == run.tokenizer.eos_id:
+                if token == loaded.tokenizer.eos_id:
                     reason = "eos"
                     break
                 yield {"id": token, "text": stream.add(token)}
@@ -300,11 +303,11 @@ class Explorer:
         return index, self.loaded[index]
 
     @torch.inference_mode()
-    def next_logits(self, index: int, run: Loaded, ids: list[int]) -> torch.Tensor:
+    def next_logits(self, index: int, loaded: Loaded, ids: list[int]) -> torch.Tensor:
         """The model's next-token scores after ids, (vocab_size,) in fp32; cached, so a slider only re-filters."""
         key = (index, tuple(ids))
         if key not in self.logits_cache:
-            logits = run.model(torch.tensor([ids], device=run.device), last_only=True)[0, -1]  # (vocab_size,)
+            logits = loaded.model(torch.tensor([ids], device=loaded.device), last_only=True)[0, -1]  # (vocab_size,)
             self.logits_cache[key] = logits.float().cpu()
             if len(self.logits_cache) > 32:
                 self.logits_cache.popitem(last=False)
@@ -401,24 +404,24 @@ def check_settings(settings) -> dict:
     return out
 
 
-def prompt_ids(body: dict, run: Loaded) -> list[int]:
+def prompt_ids(body: dict, loaded: Loaded) -> list[int]:
     """The request's text (tokenized) or token ids, checked against the vocabulary and the context window.
     A text starts as infer.py starts it (infer.start_ids: an empty one is a fresh document, [EOS])."""
     if "text" in body and "ids" in body:
         raise UsageError("give text or ids, not both")
-    limit = run.model.config.max_seq_len
+    limit = loaded.model.config.max_seq_len
     if "ids" in body:
         ids = body["ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise UsageError("ids must be a non-empty list of integer token ids")
-        bad = next((t for t in ids if not 0 <= t < run.tokenizer.vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < loaded.tokenizer.vocab_size), None)
         if bad is not None:
-            raise UsageError(f"token id {bad} is outside the vocabulary (0 to {run.tokenizer.vocab_size - 1})")
+            raise UsageError(f"token id {bad} is outside the vocabulary (0 to {loaded.tokenizer.vocab_size - 1})")
     else:
         text = body.get("text", "")
         if not isinstance(text, str):
             raise UsageError(f"text must be a string, got {type(text).__name__}")
-        ids = infer.start_ids(run.tokenizer, text)
+        ids = infer.start_ids(loaded.tokenizer, text)
     if len(ids) > limit:
         raise UsageError(f"the text is {len(ids)} tokens long, longer than the model's context of {limit}: shorten it")
     return ids

@@ -1,8 +1,8 @@
 """Instruction fine-tuning (SFT): teach a pretrained checkpoint to answer Alpaca-style instructions.
 
 Examples:
-    python train.py --config config_smoke.yaml                  # the base model: checkpoints/final.ckpt (< 1 min)
-    python finetune.py --config config_finetune_smoke.yaml      # SFT on data/tiny_instructions.jsonl, < 90 s on CPU
+    python train.py --config config_smoke.yaml                  # the base model: checkpoints/final.ckpt
+    python finetune.py --config config_finetune_smoke.yaml      # SFT on data/tiny_instructions.jsonl
     python finetune.py --config config_finetune_smoke.yaml --dry-run          # check everything, print the plan
     python finetune.py --config config_finetune_smoke.yaml --show-example 3   # which tokens are trained on?
     python finetune.py --config config_finetune.yaml            # tatsu-lab/alpaca on top of checkpoints/final.ckpt

@@ -59,8 +59,8 @@ def load_model(path: str, device="cpu", dtype=None):
     ckpt = load_checkpoint(path)
     model_config = model_config_of(ckpt["meta"], path)
     model_config.gradient_checkpointing = False  # inference never needs it
-    # Built on the CPU, not the meta device: random init costs ~0.03 s per million parameters, while
-    # nn.init on meta tensors imports torch's compiler stack (~1.5 s), which the first token would wait for.
+    # Built on the CPU, not the meta device: random init is cheap, while nn.init on meta tensors imports
+    # torch's compiler stack, which the first token would wait for.
     model = Transformer(model_config)
     load_weights(model, ckpt["state_dict"], path, assign=True)  # assign: use the file's (mmap'd) tensors
     if model_config.tie_embeddings:
@@ -345,7 +345,9 @@ def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=No
     device = next(model.parameters()).device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(rows)]
     streams = [TextStream(tokenizer, stops) for _ in range(rows)]
-    nll, counts, done = [0.0] * rows, [0] * rows, [False] * rows
+    nll = [0.0] * rows  # each row's summed NLL of its generated tokens
+    counts = [0] * rows  # tokens generated per row
+    done = [False] * rows
     banned = [tokenizer.eos_id] if args.disable_eos else []
     started = time.perf_counter()
     steps = generate(model, prompt_ids, args.max_new_tokens, sampling_settings(args), generators, banned, head)

@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from checkpoint import read_meta  # imports torch only for a checkpoint without a sidecar of its own
+from checkpoint import read_meta, same_files  # imports torch only for a checkpoint without a sidecar of its own
 from cli import UsageError, check_output_file, run_cli
 
 TAG_NAMES = ("best", "last", "final")
@@ -51,9 +51,9 @@ def logged_losses(folder: str, cache: dict) -> tuple[dict, dict] | None:
     return cache[folder]
 
 
-def tags_of(path: str, stat, by_inode: dict) -> list[str]:
-    """best/last/final when the file has that name or is a hard link to a file that has."""
-    names = {os.path.basename(p) for p in by_inode[(stat.st_dev, stat.st_ino)] if os.path.dirname(p) == os.path.dirname(path)}
+def tags_of(path: str, same_file: list[str]) -> list[str]:
+    """best/last/final when the file has that name or is a hard link (in its folder) to a file that has."""
+    names = {os.path.basename(p) for p in same_file if os.path.dirname(p) == os.path.dirname(path)}
     return [tag for tag in TAG_NAMES if f"{tag}.ckpt" in names]
 
 
@@ -63,14 +63,12 @@ def collect(folder: str) -> list[dict]:
         raise UsageError(f"checkpoint folder not found: {folder} (train first, or pass --dir FOLDER)")
     paths = sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.ckpt"), recursive=True))  # exp[1] is a name
     stats = {p: os.stat(p) for p in paths}
-    by_inode = {}
-    for p, st in stats.items():
-        by_inode.setdefault((st.st_dev, st.st_ino), []).append(p)
+    same_file = {p: names for names in same_files(paths) for p in names}
     rows, csv_cache = [], {}
     for path in paths:
         st = stats[path]
         row = {"file": os.path.relpath(path, folder), "path": path, "size": st.st_size, "mtime": st.st_mtime,
-               "tags": tags_of(path, st, by_inode)}
+               "tags": tags_of(path, same_file[path])}
         try:
             meta = read_meta(path)
         except (UsageError, OSError, ValueError) as e:

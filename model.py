@@ -364,8 +364,8 @@ class Transformer(nn.Module):
         """The head's vocab_size rows as a contiguous (d_model, vocab_size) copy, for forward(head_t=...).
 
         A decode step multiplies ONE vector by the head, and on a CPU that product streams this layout
-        ~2-3x faster than nn.Linear's (vocab, d_model) one (3.2 vs 7.5 ms for GPT-2's 50k vocabulary at
-        d_model 256, measured here), which makes most of a small model's decode time. It is a copy the
+        faster than nn.Linear's (vocab, d_model) one (benchmarks/bench_infer.py; docs/PERFORMANCE.md), and the
+        head makes most of a small model's decode time. It is a copy the
         caller keeps (infer.py, explore.py: once per loaded model), so the module itself never changes
         and threads may share it; it does not follow later changes to the weights.
         """

@@ -1,7 +1,7 @@
 """Pretrain the Transformer: next-token prediction on packed text, with the loop of training.py on Lightning Fabric.
 
 Examples:
-    python train.py --config config_smoke.yaml                      # ~50 steps on data/tiny_corpus.txt, < 1 min on CPU
+    python train.py --config config_smoke.yaml                      # 50 steps on data/tiny_corpus.txt
     python train.py --config config_smoke.yaml --set training.max_steps=100   # resumes and re-plans the LR schedule
     python train.py --config config_smoke.yaml --no_resume          # start from scratch
     python train.py --config config.yaml                            # the real recipe: streamed English Wikipedia

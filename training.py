@@ -506,7 +506,7 @@ def choose_precision(setting: str, device: torch.device) -> tuple[str, str]:
             return "bf16-mixed", "auto: this GPU supports bfloat16"
         return "16-mixed", "auto: this GPU lacks bfloat16, using float16 with loss scaling"
     if device.type == "cpu" and cpu_has_bf16():
-        return "bf16-mixed", "auto: this CPU has AVX512-BF16, bf16 matmuls run ~2x faster than fp32"
+        return "bf16-mixed", "auto: this CPU has AVX512-BF16, bf16 matmuls run faster than fp32"
     return "32", f"auto: no fast half precision on {device.type}"
 
 
@@ -527,7 +527,7 @@ def start_fabric(cfg, launch: bool = True):
     Returns (fabric, precision, why). A strategy this machine cannot run is refused here, in one line.
     launch=False only describes the run (finetune.py --dry-run asks it for the world size).
     """
-    from lightning_fabric import Fabric  # ~4 s to import: only when training really starts
+    from lightning_fabric import Fabric  # slow to import: only when training really starts
 
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)  # our own start-up lines say what matters
 
@@ -562,7 +562,7 @@ def setup(fabric, model, optimizers: dict):
 def matmul_peak_flops(device: torch.device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
     """The yardstick of model FLOPs utilisation (MFU): the median FLOP/s of a large square matmul.
 
-    n = 2048 on a CPU (big enough to reach the machine's best, ~0.1 s per product here), 8192 on a GPU.
+    n = 2048 on a CPU (big enough to reach the machine's best), 8192 on a GPU.
     benchmarks/bench_model.py uses this same function, so its MFU and the training log's agree.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -737,7 +737,9 @@ def claim_run_folder(fabric, folder: str, fresh: bool):
     """
     import fcntl
 
-    lock, holder, moved = None, None, []
+    lock = None
+    holder = None  # who holds the folder, when another run does
+    moved = []  # [folder, checkpoints moved] when an earlier run was moved aside
     if fabric.is_global_zero:
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+", encoding="utf-8")
