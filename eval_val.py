@@ -106,11 +106,12 @@ def evaluate(model, windows, tokenizer, batch_size: int = 8, max_batches: int | 
         x = torch.stack([p[0] for p in pairs]).to(device)
         y = torch.stack([p[1] for p in pairs]).to(device)
         score = score_batch(model, x, y)
+        labelled = y != -100
         nll_sum += score.nll_sum.item()
         n_tokens += int(score.tokens)
-        scored.extend(y[y != -100].tolist())
+        scored.extend(y[labelled].tolist())
         if token_nll:
-            per_token.extend(score.nll[y != -100].tolist())
+            per_token.extend(score.nll[labelled].tolist())
         batches += 1
         if progress and sys.stderr.isatty():
             print(f"\rbatch {batches}/{math.ceil(n_windows / batch_size)} | {time.time() - start:.0f}s",
