@@ -69,8 +69,8 @@ def from_ggml_rope_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # How GPT-2's byte-level BPE cuts text into words before merging (the `tokenizers` ByteLevel pre-tokenizer's rule).
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM's: each digit on its own, then GPT-2's rule (a digit run never reaches " ?\p{N}+").
-SMOLLM_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM's: each digit on its own, then GPT-2's rule (so no " 5": the space before a digit stays whole).
+SMOLLM_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 # Llama 3's (as its tokenizer.json writes it): numbers in runs of up to three digits, newlines kept apart.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -179,10 +179,13 @@ def open_gguf(path: str):
         if "is not a valid GGMLQuantizationType" in str(e):
             raise UsageError(f"{path} stores a tensor in a type the installed gguf package does not know ({e}): "
                              "upgrade gguf (pip install -U gguf), or convert the model to a common type") from None
-        reason = "it is not a GGUF file" if "magic" in str(e) else f"it is damaged ({e})"
+        if "magic" in str(e):
+            raise UsageError(f"cannot read {path}: it is not a GGUF file: pass a .gguf file (llama.cpp's format)") from None
+        detail = str(e)
     except Exception as e:  # numpy raises on a file cut short: the header promises bytes that are not there
-        reason = f"it is truncated or damaged ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-    raise UsageError(f"cannot read {path}: {reason}: download the .gguf again")
+        detail = f"{type(e).__name__}: {e}"
+    reason = f"it is truncated or damaged ({detail.splitlines()[0][:80] if detail else 'no detail'})"
+    raise UsageError(f"cannot read {path}: {reason}: download the .gguf again") from None
 
 
 def metadata(reader) -> dict:
