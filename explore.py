@@ -413,7 +413,7 @@ def conversation_ids(body: dict, loaded: Loaded) -> list[int]:
     """The prompt of a chat request: its messages (or its one instruction) through the checkpoint's template,
     as infer.py --interactive encodes them, checked against the context window."""
     if "text" in body or "ids" in body or ("messages" in body and "instruction" in body):
-        raise UsageError("give messages, an instruction, or text/ids to continue: only one of them")
+        raise UsageError("give messages, an instruction or text/ids to continue: one of them, not both")
     if "instruction" in body:
         if not isinstance(body["instruction"], str) or not body["instruction"].strip():
             raise UsageError("instruction must be a non-empty string")

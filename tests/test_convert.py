@@ -226,7 +226,7 @@ def test_multi_turn_chat_renders_as_infer_chat_builds_it(sft_export, monkeypatch
     lines = iter(["What is the capital of France?", "  And a word with an accent? ", "Count to three."])
     seen = []
 
-    def fake_complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
+    def fake_complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None, end_ids=None):
         seen.append(list(prompt_ids))
         return [next(replies)], [1.0]
 
