@@ -161,8 +161,9 @@ class Chat:
     end_of_turn: what the template writes right after a finished assistant reply, whitespace stripped
     ("<|im_end|>" for ChatML, the EOS for ours): the model ends its reply by producing it.
     stop_ids: the token ids that end a reply (the EOS, and end_of_turn when it is one token).
-    stops: texts that end a reply too: end_of_turn when it is several tokens, and the text that opens the
-    next user turn (ours: "### Instruction:"; small models that miss their EOS often start one).
+    stops: texts that end a reply too: end_of_turn (a text marker may come out as other tokens than its
+    own), and the text that opens the next user turn (ours: "### Instruction:"; small models that miss
+    their EOS often start one).
     """
 
     def __init__(self, template: str, tokenizer):
@@ -179,7 +180,7 @@ class Chat:
         next_user = next_turn.split(second)[0][len(after_reply):].strip()  # ChatML: "<|im_start|>user"
         eot_ids = tokenizer.encode(self.end_of_turn) if self.end_of_turn else []
         self.stop_ids = {tokenizer.eos_id, *(eot_ids if len(eot_ids) == 1 else [])}
-        self.stops = [text for text in (self.end_of_turn if len(eot_ids) > 1 else "", next_user) if text]
+        self.stops = [text for text in (self.end_of_turn, next_user) if text]
         # Does the template show a user message's "input" (ours does, under "### Input:")?
         probe = [{"role": "user", "content": first, "input": second}]
         self.renders_input = second in self.render(probe, add_generation_prompt=True)
