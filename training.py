@@ -222,9 +222,9 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
         if lock:
             lock.close()  # releases the run folder
     if fabric.is_global_zero:
-        print(f"done: {final} ({file_size(final)}, weights only; {resume_path} {file_size(resume_path)} adds the "
-              f"optimizer state to resume from) (val_loss {state.last_val_loss:.4f}); try: {run.next_command}",
-              flush=True)
+        print(f"done: {final} ({file_size(final)}, weights only; {os.path.basename(resume_path)}, "
+              f"{file_size(resume_path)}, adds the optimizer state to resume from) (val_loss "
+              f"{state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
     return 0
 
 
@@ -257,7 +257,7 @@ def run_validation(fabric, run: Run, model, optimizers, val_samples, state: Trai
         draw_loss_curve(train_cfg.checkpoint_dir, f"{run.kind} loss")
     if val_loss < state.best_val_loss:
         state.best_val_loss = val_loss
-        save(fabric, run, "best.ckpt", model, optimizers, state)
+        save(fabric, run, "best.ckpt", model, optimizers, state, resumable=False)
     cut, stop = after_validation(state, val_loss, train_cfg)
     if fabric.is_global_zero and cut:
         print(f"step {state.step}: val loss has not improved for {train_cfg.reduce_on_plateau.patience} validations, "

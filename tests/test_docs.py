@@ -64,8 +64,8 @@ def code_keys() -> dict:
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
+            if config.section_class(hints[f.name]):  # a sub-section, optional ones too (finetune.lora)
+                walk(config.section_class(hints[f.name]), f"{prefix}{f.name}.")
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             keys[prefix + f.name] = (schema.type_name(hints[f.name]), DERIVED_DEFAULTS.get(prefix + f.name, default),

@@ -78,9 +78,18 @@ def test_checkpoint_cadence_and_contents(tiny_run):
     assert meta["tokens_seen"] == 6 * 4 * 32  # steps x micro batch x seq_len
     assert meta["config"]["training"]["max_steps"] == 6 and meta["model_config"]["d_model"] == 32
     assert math.isfinite(meta["train_loss"]) and math.isfinite(meta["val_loss"])
-    assert meta["train_state"]["step"] == 6 and meta["train_state"]["best_val_loss"] <= meta["val_loss"]
-    # weights, optimizer and random state (enough to resume), and the tokenizer itself (enough to use it anywhere)
-    assert set(final) == {"state_dict", "adamw", "rng", "tokenizer", "meta"}
+    # final (and best): the weights and the tokenizer itself (enough to use it anywhere), no training state
+    assert set(final) == {"state_dict", "tokenizer", "meta"} and "train_state" not in meta
+    assert "train_state" not in load_checkpoint(str(tiny_run / "best.ckpt"))["meta"]
+    # the periodic ones add the optimizer and random state (enough to resume)
+    resumable = load_checkpoint(str(tiny_run / "epoch=0-step=6.ckpt"))
+    assert set(resumable) == {"state_dict", "adamw", "rng", "tokenizer", "meta"}
+    train_state = resumable["meta"]["train_state"]
+    assert train_state["step"] == 6 and train_state["best_val_loss"] <= meta["val_loss"]
+    for name, tensor in final["state_dict"].items():
+        assert torch.equal(resumable["state_dict"][name], tensor), name
+    # AdamW's two moments are two more copies of the weights: the weights-only file is about a third
+    assert (tiny_run / "final.ckpt").stat().st_size < 0.45 * (tiny_run / "epoch=0-step=6.ckpt").stat().st_size
     assert meta["tokenizer_sha256"] == load_tokenizer("gpt2").sha256
     assert read_meta(str(tiny_run / "final.ckpt")) == json.loads(json.dumps(meta))  # the sidecar agrees
     with open(tiny_run / "metrics.csv") as f:
@@ -140,6 +149,31 @@ def test_resume_with_more_steps_replans_the_schedule(tiny_run, tmp_path):
         lr_at_8 = float(next(r["lr"] for r in csv.DictReader(f) if r["step"] == "8" and r["lr"]))
     t = Training(max_steps=10, warmup_ratio=0.2, lr=3e-3)
     assert lr_at_8 == pytest.approx(3e-3 * training.lr_multiplier(7, t), rel=1e-6)  # step 8 = index 7, NEW schedule
+
+
+def test_a_finished_run_keeps_a_checkpoint_to_resume_from_and_says_the_sizes(tmp_path, capsys):
+    """save_every does not divide max_steps: the end still writes a resumable epoch=E-step=S.ckpt beside the
+    weights-only final.ckpt, so raising max_steps continues exactly where the run ended."""
+    config = write_config(tmp_path, {"training": {"max_steps": 5, "save_every": 3}})
+    assert train.main(["--config", str(config)]) == 0
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("epoch=*.ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=5.ckpt"]
+    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done:"))
+    sizes = re.search(r"final\.ckpt \((\S+) MB, weights only; epoch=0-step=5\.ckpt, (\S+) MB, adds the optimizer", done)
+    assert sizes, done
+    assert float(sizes[1]) == pytest.approx((folder / "final.ckpt").stat().st_size / 1e6, abs=0.05)
+    assert float(sizes[2]) == pytest.approx((folder / "epoch=0-step=5.ckpt").stat().st_size / 1e6, abs=0.05)
+    assert train.main(["--config", str(config), "--set", "training.max_steps=7"]) == 0
+    assert "resuming from" in capsys.readouterr().out and read_meta(str(folder / "final.ckpt"))["step"] == 7
+
+
+def test_only_weights_left_is_refused_as_a_resume_point(tiny_run, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("final.ckpt", "final.ckpt.json"):
+        shutil.copy(tiny_run / name, folder / name)
+    with pytest.raises(UsageError, match="final.ckpt: it holds no training state"):
+        train.main(["--config", str(write_config(tmp_path, {"training": {"max_steps": 8}}))])
 
 
 def test_incompatible_checkpoint_stops_with_a_message(tiny_run, tmp_path):
