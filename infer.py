@@ -144,12 +144,13 @@ def choose_tokens(scores, temperature, generators):
 
 
 def decode_head(model):
-    """The head generate decodes with: model.transposed_head() on a CPU (faster there, see it), else None.
+    """The weights generate decodes with: model.decode_weights() on a CPU (faster there, see it), else None
+    (the model's own).
 
     A copy outside the model, made once per loaded model by whoever keeps the model (infer.main,
     explore.Loaded) and passed to every generate call: the shared model itself is never changed.
     """
-    return model.transposed_head() if next(model.parameters()).device.type == "cpu" else None
+    return model.decode_weights() if next(model.parameters()).device.type == "cpu" else None
 
 
 @torch.inference_mode()
@@ -175,9 +176,9 @@ def generate(model, prompt_ids, max_new_tokens, sampling, generators, banned_ids
         if step == 0 or cache.length == config.max_seq_len:
             cache.length = 0  # (re)fill the cache from the most recent tokens in one forward
             context = ids if ids.shape[1] < config.max_seq_len else ids[:, -keep:]
-            logits = model(context, cache, last_only=True, head_t=head)[:, -1]
+            logits = model(context, cache, last_only=True, decode=head)[:, -1]
         else:
-            logits = model(ids[:, -1:], cache, head_t=head)[:, -1]  # the newest token only: the cache holds the rest
+            logits = model(ids[:, -1:], cache, decode=head)[:, -1]  # the newest token only: the cache holds the rest
         logits = logits.float()  # (rows, vocab_size)
         logprobs = logits.log_softmax(-1)
         if banned_ids:

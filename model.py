@@ -15,7 +15,7 @@ This file holds only the model: no tokenizer, no files, no training loop. Other 
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -146,6 +146,25 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class BlockDecodeWeights(NamedTuple):
+    """One block's matrices as a decode step reads them fastest on a CPU (see Transformer.decode_weights).
+
+    Transposed to (in, out) and the products that read the same input side by side: q|k|v, gate|up.
+    """
+
+    qkv: torch.Tensor  # (d_model, (n_heads + 2 * n_kv_heads) * head_dim)
+    o: torch.Tensor  # (n_heads * head_dim, d_model)
+    up: torch.Tensor  # (d_model, 2 * d_ff) gate|up for swiglu; (d_model, d_ff) for relu2
+    down: torch.Tensor  # (d_ff, d_model)
+
+
+class DecodeWeights(NamedTuple):
+    """Every matrix of the model in decoding's layout: forward(decode=...) computes the same logits with them."""
+
+    blocks: list[BlockDecodeWeights]
+    head: torch.Tensor  # (d_model, vocab_size): the head's first vocab_size rows, transposed
+
+
 # enable_gqa (torch >= 2.5) lets SDPA share each K/V head across its query group without copying.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -186,11 +205,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, decode: BlockDecodeWeights | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if decode is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # the same three products as one
+            kv_dim = self.n_kv_heads * self.head_dim
+            q, k, v = (x @ decode.qkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
@@ -209,7 +233,7 @@ class Attention(nn.Module):
             **extra,
         )  # (B, n_heads, T, head_dim): softmax(q k^T / sqrt(head_dim)) v
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y)
+        return self.o_proj(y) if decode is None else y @ decode.o
 
 
 class SwiGLU(nn.Module):
@@ -221,8 +245,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, decode: BlockDecodeWeights | None = None):
+        if decode is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (x @ decode.up).chunk(2, dim=-1)  # both products as one
+        return (F.silu(gate) * up) @ decode.down
 
 
 class ReLUSquared(nn.Module):
@@ -233,8 +260,10 @@ class ReLUSquared(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+    def forward(self, x, decode: BlockDecodeWeights | None = None):
+        if decode is None:
+            return self.down_proj(F.relu(self.up_proj(x)).square())
+        return F.relu(x @ decode.up).square() @ decode.down
 
 
 class Block(nn.Module):
@@ -252,9 +281,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else ReLUSquared(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, decode: BlockDecodeWeights | None = None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, decode))
+        return x + self.drop(self.mlp(self.mlp_norm(x), decode))
 
 
 def attention_mask(q_start: int, q_len: int, k_len: int, window: int, device):
@@ -326,12 +355,13 @@ class Transformer(nn.Module):
         attn_span = min(seq_len, c.swa_window) if c.swa_window else seq_len
         return 6 * matmul_weights + 12 * c.n_layers * c.d_model * attn_span
 
-    def forward(self, idx, cache: KVCache | None = None, last_only: bool = False, head_t=None):
+    def forward(self, idx, cache: KVCache | None = None, last_only: bool = False,
+                decode: DecodeWeights | None = None):
         """idx: (B, T) token ids. With a cache, idx holds the next T tokens after those already cached.
 
         last_only=True returns only the last position's logits (B, 1, vocab_size): generation needs
         nothing else, and skipping the output head elsewhere makes a long prefill several times cheaper.
-        head_t: the head in decoding's layout (see transposed_head); the same logits, faster on a CPU.
+        decode: the weights in decoding's layout (see decode_weights); the same logits, faster on a CPU.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -345,28 +375,38 @@ class Transformer(nn.Module):
             if self.config.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, layer)
+                x = block(x, cos, sin, mask, cache, layer, None if decode is None else decode.blocks[layer])
         if cache is not None:
             cache.length += T
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if head_t is None:
+        if decode is None:
             # The first vocab_size rows: a contiguous view, so no padding row is ever computed or copied.
             logits = F.linear(x, self.lm_head.weight[:self.config.vocab_size])  # (B, T, vocab_size)
         else:
-            logits = x @ head_t  # (B, T, vocab_size)
+            logits = x @ decode.head  # (B, T, vocab_size)
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
 
-    def transposed_head(self) -> torch.Tensor:
-        """The head's vocab_size rows as a contiguous (d_model, vocab_size) copy, for forward(head_t=...).
+    def decode_weights(self) -> DecodeWeights:
+        """Every matrix as a contiguous (in, out) copy, q|k|v and gate|up side by side, for forward(decode=...).
 
-        A decode step multiplies ONE vector by the head, and on a CPU that product streams this layout
-        faster than nn.Linear's (vocab, d_model) one (benchmarks/bench_infer.py; docs/PERFORMANCE.md), and the
-        head makes most of a small model's decode time. It is a copy the
-        caller keeps (infer.py, explore.py: once per loaded model), so the module itself never changes
-        and threads may share it; it does not follow later changes to the weights.
+        A decode step multiplies ONE vector by each matrix, so it is bound by how fast the weights stream from
+        memory. On a CPU, torch's BLAS streams this layout faster than nn.Linear's (out, in) one (the head twice
+        as fast) and one wide product beats two or three narrow ones (benchmarks/bench_decode.py;
+        docs/PERFORMANCE.md). It is a copy the caller keeps (infer.py, explore.py: once per loaded model), so
+        the modules never change and threads may share them; it does not follow later changes to the weights.
         """
-        return self.lm_head.weight[:self.config.vocab_size].t().contiguous()
+        def t(*linears):  # (in, sum of outs)
+            return torch.cat([linear.weight for linear in linears]).t().contiguous()
+
+        blocks = []
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            up = t(mlp.gate_proj, mlp.up_proj) if isinstance(mlp, SwiGLU) else t(mlp.up_proj)
+            blocks.append(BlockDecodeWeights(t(attn.q_proj, attn.k_proj, attn.v_proj), t(attn.o_proj), up,
+                                             t(mlp.down_proj)))
+        head = self.lm_head.weight[:self.config.vocab_size].t().contiguous()
+        return DecodeWeights(blocks, head)

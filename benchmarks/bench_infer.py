@@ -75,7 +75,7 @@ def bench_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
         ids = prompt
         for _ in range(new_tokens):
             with torch.inference_mode():  # every step recomputes every position's keys and values
-                logits = model(ids, last_only=True, head_t=head)[:, -1]
+                logits = model(ids, last_only=True, decode=head)[:, -1]
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         return ids[0, prompt.shape[1]:]
 

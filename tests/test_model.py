@@ -124,17 +124,32 @@ def test_padding_rows_never_reach_a_logit_nor_a_gradient():
     assert torch.all(model.lm_head.weight.grad[101:] == 0)
 
 
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
-def test_transposed_head_gives_the_same_logits_and_leaves_the_model_as_it_was(softcap):
-    """forward(head_t=model.transposed_head()) = forward(), soft-cap included; the module is never changed."""
-    model = build(tiny_config(logit_softcap=softcap), scale=0.5)
-    modules, weight = dict(model.named_modules()), model.lm_head.weight
-    head_t = model.transposed_head()
-    assert head_t.shape == (model.config.d_model, model.config.vocab_size) and head_t.is_contiguous()
-    idx = torch.randint(0, 101, (2, 10))
+@pytest.mark.parametrize("flags", [{}, {"tie_embeddings": False, "n_kv_heads": 4}, {"mlp": "relu2"},
+                                   {"qk_norm": True, "logit_softcap": 3.0}, {"n_kv_heads": 1, "swa_window": 3}])
+def test_decode_weights_give_the_same_logits_and_tokens_and_leave_the_model_as_it_was(flags):
+    """forward(decode=model.decode_weights()) = forward(): full sequence, prefill + one token at a time through
+    the KV cache, and greedy ids; for every variant the layout covers. The module is never changed."""
+    model = build(tiny_config(vocab_size=101, **flags), scale=0.5)
+    modules, weights = dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
+    decode = model.decode_weights()
+    c = model.config
+    assert decode.head.shape == (c.d_model, c.vocab_size) and decode.head.is_contiguous()
+    qkv_width, up_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_ff * (2 if c.mlp == "swiglu" else 1)
+    assert [tuple(w.shape) for w in decode.blocks[0]] == [(c.d_model, qkv_width), (c.d_model, c.d_model),
+                                                          (c.d_model, up_width), (c.d_ff, c.d_model)]
+    idx = torch.randint(0, 101, (2, 12))
+    cache = KVCache(c, batch_size=2)
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, head_t=head_t), model(idx), rtol=1e-5, atol=1e-5)
-    assert dict(model.named_modules()) == modules and model.lm_head.weight is weight
+        full = model(idx)
+        torch.testing.assert_close(model(idx, decode=decode), full, rtol=1e-5, atol=1e-5)
+        steps = [model(idx[:, :4], cache, decode=decode)] + [model(idx[:, t:t + 1], cache, decode=decode)
+                                                            for t in range(4, 12)]
+        # Logits of size ~10 summed in another order: the plain cached path differs from the full forward alike.
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy_cached(model, idx[:1, :5], 20, decode), greedy_uncached(model, idx[:1, :5], 20))
+    assert dict(model.named_modules()) == modules
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(not w.data_ptr() == p.data_ptr() for w in decode.blocks[0] for p in model.parameters())
 
 
 # ---------------------------------------------------------------- attention masking
@@ -267,14 +282,14 @@ def test_cache_accepts_chunks(name):
 
 
 @torch.no_grad()
-def greedy_cached(model, prompt, n_new):
+def greedy_cached(model, prompt, n_new, decode=None):
     cache = KVCache(model.config, batch_size=prompt.shape[0])
-    logits = model(prompt, cache)
+    logits = model(prompt, cache, decode=decode)
     out = prompt
     for _ in range(n_new):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         out = torch.cat([out, nxt], dim=1)
-        logits = model(nxt, cache)
+        logits = model(nxt, cache, decode=decode)
     return out
 
 
