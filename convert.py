@@ -4,7 +4,7 @@ Our Transformer IS a Llama network (RoPE in Hugging Face's "split halves" pairin
 SwiGLU, grouped-query attention, no biases), so converting to Hugging Face only renames the
 weights; no tensor is transposed or permuted. A sliding-window model becomes a Mistral one (same
 window rule). GGUF (llama.cpp's file) also needs q and k permuted into GGML's RoPE pairing.
-A fine-tuned (SFT) checkpoint exports with a chat template: the instruction template as Jinja.
+A checkpoint exports with its chat template (chat.chat_template_for): ours for a model fine-tuned here.
 
 Examples (from the repository root):
 
@@ -33,11 +33,12 @@ import os
 
 import torch
 
+from chat import chat_template_for, imported_chat_template
 from checkpoint import atomic_write, check_weights, fit_vocab_rows, load_checkpoint, model_config_of, save_checkpoint
 from cli import UsageError, check_output_file, read_text, run_cli
 from config import config_from_dict
 from model import ModelConfig
-from tokenizer import format_instruction, load_tokenizer, save_tokenizer, tokenizer_for_checkpoint, tokenizer_setting
+from tokenizer import load_tokenizer, save_tokenizer, tokenizer_for_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Parameter names: ours <-> Hugging Face Llama/Mistral (the tensors themselves need no change)
@@ -90,85 +91,6 @@ def hf_config_kwargs(c: ModelConfig) -> dict:
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
         tie_word_embeddings=c.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat template: the instruction template as Jinja, for transformers, llama.cpp and chat UIs
-# ---------------------------------------------------------------------------------------------
-
-
-# The instruction template as a chat template. __HEAD__, __INPUT__ and __RESPONSE__ stand for the literal
-# text of tokenizer.format_instruction (filled in by instruction_chat_template). Every tag strips the
-# whitespace around it ({%- -%}), so the layout below adds nothing to what it renders.
-CHAT_TEMPLATE = r"""
-{%- if messages and messages[0].role == 'system' -%}
-    {%- set system = messages[0].content | trim -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set system = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if message.role not in ['user', 'assistant'] or (message.role == 'user') != (loop.index0 % 2 == 0) -%}
-        {{- raise_exception('this model takes user and assistant turns in turn, user first (a system message may lead)') -}}
-    {%- elif message.role == 'user' -%}
-        {%- set instruction = message.content | trim -%}
-        {%- if loop.first and system -%}
-            {%- set instruction = system + '\n\n' + instruction -%}
-        {%- endif -%}
-        {{- __HEAD__ + instruction -}}
-        {%- if message.input is defined and message.input and (message.input | trim) -%}
-            {{- __INPUT__ + (message.input | trim) -}}
-        {%- endif -%}
-    {%- else -%}
-        {{- __RESPONSE__ + message.content + eos_token -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- __RESPONSE__ -}}
-{%- endif -%}
-"""
-
-
-def instruction_chat_template() -> str:
-    """tokenizer.format_instruction as a Jinja chat template, its literal text taken from the function itself.
-
-    format_instruction(I) = HEAD + I + RESPONSE and format_instruction(I, N) = HEAD + I + INPUT + N + RESPONSE,
-    so rendering it around marker strings yields HEAD ("### Instruction:\n"), INPUT ("\n\n### Input:\n")
-    and RESPONSE ("\n\n### Response:\n"). Messages then render as:
-      user       HEAD + content, then INPUT + message["input"] when the message has a non-blank "input";
-      assistant  RESPONSE + content + EOS (a finished turn, as finetune.py trains and infer.py's chat keeps it);
-      generation prompt: RESPONSE.
-    So [user q] with add_generation_prompt renders format_instruction(q), and a conversation renders as
-    infer.py's chat mode builds it. A leading system message becomes the first paragraph of the first
-    instruction: the model never saw system prompts, but llama.cpp renders one through every template
-    it loads (and falls back to another template if that fails). Any other order of roles is refused.
-    """
-    instruction, input_text = "\x00instruction\x00", "\x00input\x00"
-    head, response = format_instruction(instruction).split(instruction)
-    with_input = format_instruction(instruction, input_text)
-    input_head = with_input[len(head + instruction):with_input.index(input_text)]
-    assert with_input == head + instruction + input_head + input_text + response, "format_instruction changed shape"
-    template = CHAT_TEMPLATE.strip()
-    for name, text in (("__HEAD__", head), ("__INPUT__", input_head), ("__RESPONSE__", response)):
-        template = template.replace(name, "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'")
-    return template
-
-
-def chat_template_for(meta: dict):
-    """The chat template an export carries: ours for a model fine-tuned here (kind "sft"), else the
-    template the model was imported with by from-hf (meta["chat_template"]), else none."""
-    return instruction_chat_template() if meta.get("kind") == "sft" else meta.get("chat_template")
-
-
-def imported_chat_template(folder: str):
-    """The chat template a Hugging Face tokenizer folder ships: chat_template.jinja (written by recent
-    transformers), else tokenizer_config.json's "chat_template" (a string, or a list of named ones)."""
-    path = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    return tokenizer_setting(folder, "chat_template")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +509,7 @@ def from_hf(args) -> int:
             "tokenizer_sha256": tokenizer.sha256, "imported_from": os.path.abspath(folder)}
     template = imported_chat_template(tokenizer.spec) if os.path.isdir(tokenizer.spec) else None
     if template:
-        meta["chat_template"] = template  # exported again by to-hf / to-gguf until the model is fine-tuned here
+        meta["chat_template"] = template  # chat.py prompts with it; to-hf / to-gguf export it again
     save_checkpoint({"state_dict": state_dict, "tokenizer": tokenizer.to_dict(), "meta": meta}, args.out)
     swa = f", sliding window {config.swa_window}" if config.swa_window else ""
     print(f"wrote {args.out}: {n_params:,} parameters, {config.n_layers} layers, d_model {config.d_model}, "

@@ -20,7 +20,9 @@ The page (explore_page/: one HTML, one CSS and one JavaScript file, nothing down
      (`model.Attention.record_weights`); the causal mask and a sliding window show as the exact zeros they are.
   4. The run: the checkpoint's facts, the run's loss curve (metrics.csv, read by `plots.read_losses`),
      and the next-token bars of two checkpoints of the same folder side by side.
-  5. Chat (for SFT checkpoints): infer.py's instruction template, the answer streamed token by token.
+  5. Chat: a conversation through the checkpoint's chat template (chat.py, as infer.py --interactive sends
+     it; the instruction template for a checkpoint without one), each reply streamed token by token.
+     Panel 1 can wrap its text the same way ("chat" in the request) to show what the model really reads.
 Every number comes from this project's Python code; the page only draws.
 
 Server: the standard library's ThreadingHTTPServer (one local user needs nothing more), one lock around
@@ -29,11 +31,13 @@ else: a request names a checkpoint by its index or file name in the list made at
 files beside --ckpt), never by a path. A bad request gets HTTP 400 and {"error": "one line"}.
 
     GET  /api/info       the checkpoints, their facts, the run's loss curve, the settings' ranges
-    POST /api/next       {ckpt, text | ids, settings, seed, top}      next-token bars after each stage
-    POST /api/tokens     {ckpt, text | ids}                           pieces, bytes, surprise, bits per byte
-    POST /api/attention  {ckpt, text | ids, layer, head}              (T, T) attention weights
-    POST /api/generate   {ckpt, text | ids | instruction, settings, seed, max_new_tokens}
+    POST /api/next       {ckpt, text | ids, chat, settings, seed, top}  next-token bars after each stage
+    POST /api/tokens     {ckpt, text | ids, chat}                       pieces, bytes, surprise, bits per byte
+    POST /api/attention  {ckpt, text | ids, chat, layer, head}          (T, T) attention weights
+    POST /api/generate   {ckpt, text | ids | messages | instruction, settings, seed, max_new_tokens}
                          one JSON object per line as tokens are generated, then {"done": ...}
+"chat": true sends the text as one user message through the chat template; "messages" is a whole
+conversation ([{role, content}, ...], ending with a user turn), "instruction" one user message.
 """
 
 import argparse
@@ -55,11 +59,12 @@ import torch
 from tokenizers import decoders
 
 import infer
+from chat import Chat, chat_template_for, check_messages, instruction_chat_template
 from checkpoint import read_meta
 from cli import UsageError, pick_device, run_cli
 from eval_val import evaluate
 from plots import read_losses
-from tokenizer import format_instruction, tokenizer_for_checkpoint
+from tokenizer import tokenizer_for_checkpoint
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore_page")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),  # URL path -> file in PAGE_DIR: nothing else is served
@@ -88,7 +93,8 @@ STAGES = [("repetition", "repetition_penalty"), ("temperature", "temperature"), 
 
 
 class Loaded:
-    """One checkpoint in memory: the model, its decoding head (infer.decode_head), its metadata and tokenizer.
+    """One checkpoint in memory: the model, its decoding head (infer.decode_head), its metadata, tokenizer and
+    chat template (its own, else the instruction template: a base model can be asked too, and shows why SFT is needed).
 
     Request threads share it and only read it: generation never changes the model.
     """
@@ -99,6 +105,7 @@ class Loaded:
         self.head = infer.decode_head(self.model)
         self.meta = ckpt["meta"]
         self.tokenizer = tokenizer_for_checkpoint(ckpt)
+        self.chat = Chat(chat_template_for(self.meta) or instruction_chat_template(), self.tokenizer)
         self.device = device
 
 
@@ -172,11 +179,12 @@ class Explorer:
         return {"main": self.main, "settings": SETTINGS, "max_new_tokens": MAX_NEW_TOKENS, "losses": losses,
                 "checkpoints": [{"index": i, "name": c["name"], **{k: c["meta"].get(k) for k in (
                     "kind", "step", "epoch", "tokens_seen", "train_loss", "val_loss", "n_params", "model_config",
-                    "tokenizer", "config")}} for i, c in enumerate(self.checkpoints)]}
+                    "tokenizer", "config")}, "chat_template": chat_template_for(c["meta"]) is not None}
+                    for i, c in enumerate(self.checkpoints)]}
 
     def next_token(self, body: dict) -> dict:
         """The top tokens after each stage of process_logits, the greedy choice and a seeded sample."""
-        check_keys(body, "ckpt", "text", "ids", "settings", "seed", "top")
+        check_keys(body, "ckpt", "text", "ids", "chat", "settings", "seed", "top")
         settings = check_settings(body.get("settings", {}))
         seed = integer(body, "seed", 0, 0, 2**31 - 1)
         top = integer(body, "top", 20, 1, 100)
@@ -195,7 +203,7 @@ class Explorer:
 
     def tokens(self, body: dict) -> dict:
         """How the text splits into tokens, and how surprised the model is by each (eval_val.py's scoring)."""
-        check_keys(body, "ckpt", "text", "ids")
+        check_keys(body, "ckpt", "text", "ids", "chat")
         with self.lock:
             _, loaded = self.checkpoint(body)
             ids, tokenizer = prompt_ids(body, loaded), loaded.tokenizer
@@ -218,7 +226,7 @@ class Explorer:
 
     def attention(self, body: dict) -> dict:
         """One layer's and head's attention weights for the text: (T, T), row = query, column = key."""
-        check_keys(body, "ckpt", "text", "ids", "layer", "head")
+        check_keys(body, "ckpt", "text", "ids", "chat", "layer", "head")
         with self.lock:
             index, loaded = self.checkpoint(body)
             config = loaded.model.config
@@ -239,21 +247,18 @@ class Explorer:
         The loop is infer.py's own (infer.generate, infer.TextStream); the lock is taken per token, so
         other requests are answered while a long generation streams.
         """
-        check_keys(body, "ckpt", "text", "ids", "instruction", "settings", "seed", "max_new_tokens")
+        check_keys(body, "ckpt", "text", "ids", "messages", "instruction", "settings", "seed", "max_new_tokens")
         settings = check_settings(body.get("settings", {}))
         seed = integer(body, "seed", 0, 0, 2**31 - 1)
         max_new_tokens = integer(body, "max_new_tokens", 50, 1, MAX_NEW_TOKENS)
         with self.lock:
             _, loaded = self.checkpoint(body)
-            if "instruction" in body:
-                if "text" in body or "ids" in body:
-                    raise UsageError("give an instruction, or text/ids to continue, not both")
-                if not isinstance(body["instruction"], str) or not body["instruction"].strip():
-                    raise UsageError("instruction must be a non-empty string")
-                ids = prompt_ids({"text": format_instruction(body["instruction"])}, loaded)
+            chatting = "messages" in body or "instruction" in body
+            if chatting:
+                ids = conversation_ids(body, loaded)
             else:
                 ids = prompt_ids(body, loaded)
-        stops = [infer.INSTRUCTION_STOP] if "instruction" in body else []
+        stops, end_ids = (loaded.chat.stops, loaded.chat.stop_ids) if chatting else ([], {loaded.tokenizer.eos_id})
         sampling = {**{k: v["off"] for k, v in SETTINGS.items()}, **settings, "no_repeat_ngram_size": 0}
         steps = infer.generate(loaded.model, ids, max_new_tokens, sampling, [torch.Generator(loaded.device).manual_seed(seed)],
                                head=loaded.head)
@@ -269,7 +274,7 @@ class Explorer:
                 if step is None:
                     break
                 token, count = int(step[0][0]), count + 1
-                if token == loaded.tokenizer.eos_id:
+                if token in end_ids:  # the end-of-text token, or a chat model's end of turn: never shown
                     reason = "eos"
                     break
                 yield {"id": token, "text": stream.add(token)}
@@ -404,12 +409,40 @@ def check_settings(settings) -> dict:
     return out
 
 
+def conversation_ids(body: dict, loaded: Loaded) -> list[int]:
+    """The prompt of a chat request: its messages (or its one instruction) through the checkpoint's template,
+    as infer.py --interactive encodes them, checked against the context window."""
+    if "text" in body or "ids" in body or ("messages" in body and "instruction" in body):
+        raise UsageError("give messages, an instruction, or text/ids to continue: only one of them")
+    if "instruction" in body:
+        if not isinstance(body["instruction"], str) or not body["instruction"].strip():
+            raise UsageError("instruction must be a non-empty string")
+        messages = [{"role": "user", "content": body["instruction"]}]
+    else:
+        messages = check_messages(body["messages"])
+        if messages[-1]["role"] != "user":
+            raise UsageError("the last message must be the user's: the model answers it")
+    ids, _ = loaded.chat.encode(messages, add_generation_prompt=True)
+    return within_context(ids, loaded)
+
+
+def within_context(ids: list[int], loaded: Loaded) -> list[int]:
+    limit = loaded.model.config.max_seq_len
+    if len(ids) > limit:
+        raise UsageError(f"the text is {len(ids)} tokens long, longer than the model's context of {limit}: shorten it")
+    return ids
+
+
 def prompt_ids(body: dict, loaded: Loaded) -> list[int]:
     """The request's text (tokenized) or token ids, checked against the vocabulary and the context window.
-    A text starts as infer.py starts it (infer.start_ids: an empty one is a fresh document, [EOS])."""
+    A text starts as infer.py starts it (infer.start_ids: an empty one is a fresh document, [EOS]); with
+    "chat": true it is sent as one user message through the chat template, as infer.py sends --prompt."""
     if "text" in body and "ids" in body:
         raise UsageError("give text or ids, not both")
-    limit = loaded.model.config.max_seq_len
+    if body.get("chat", False) not in (True, False):
+        raise UsageError(f"chat must be true or false, got {body['chat']!r}")
+    if body.get("chat") and "ids" in body:
+        raise UsageError("chat wraps a text in the chat template: send text, not ids")
     if "ids" in body:
         ids = body["ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -421,10 +454,11 @@ def prompt_ids(body: dict, loaded: Loaded) -> list[int]:
         text = body.get("text", "")
         if not isinstance(text, str):
             raise UsageError(f"text must be a string, got {type(text).__name__}")
-        ids = infer.start_ids(loaded.tokenizer, text)
-    if len(ids) > limit:
-        raise UsageError(f"the text is {len(ids)} tokens long, longer than the model's context of {limit}: shorten it")
-    return ids
+        if body.get("chat"):
+            ids, _ = loaded.chat.encode([{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            ids = infer.start_ids(loaded.tokenizer, text)
+    return within_context(ids, loaded)
 
 
 # ---------------------------------------------------------------------------------------------

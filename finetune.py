@@ -1,4 +1,4 @@
-"""Instruction fine-tuning (SFT): teach a pretrained checkpoint to answer Alpaca-style instructions.
+"""Instruction fine-tuning (SFT): teach a pretrained checkpoint to answer instructions and hold conversations.
 
 Examples:
     python train.py --config config_smoke.yaml                  # the base model: checkpoints/final.ckpt
@@ -8,15 +8,18 @@ Examples:
     python finetune.py --config config_finetune.yaml            # tatsu-lab/alpaca on top of checkpoints/final.ckpt
     python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "What is a token?"   # infer.py adds the template
 
-What is trained on: each record {instruction, input (optional), output} becomes
+What is trained on: a record is {instruction, input (optional), output}, one user turn and its answer,
+or {messages: [{role, content}, ...]}, a whole conversation (roles system, user, assistant). It goes through
+the base checkpoint's chat template (chat.py, the one infer.py prompts with): an imported instruct model's
+own (ChatML for SmolLM2), else ours, the Alpaca instruction template, where an instruction record becomes
 
     ### Instruction:\\n{instruction}\\n\\n[### Input:\\n{input}\\n\\n]### Response:\\n   <- prompt: labels -100
     {output}<|endoftext|>                                                     <- response + EOS: supervised
 
-The template is tokenizer.format_instruction, the same function infer.py uses. The model weights and
-architecture come from finetune.base_checkpoint; checkpoints go to training.checkpoint_dir
-(checkpoints/sft by default, never the pretraining folder) and are marked kind "sft".
-Running the same command again resumes, exactly as train.py does.
+Only the assistant turns are supervised, each up to and including its end-of-turn token (--show-example
+marks them). The model weights and architecture come from finetune.base_checkpoint; checkpoints go to
+training.checkpoint_dir (checkpoints/sft by default, never the pretraining folder), are marked kind "sft"
+and keep the template they were trained with. Running the same command again resumes, exactly as train.py does.
 """
 
 import argparse
@@ -28,8 +31,9 @@ from cli import UsageError, run_cli
 from config import apply_overrides, config_from_dict, read_yaml
 from data import ShuffledPasses
 from model import ModelConfig, Transformer
+from chat import Chat, chat_template_for, check_messages, instruction_chat_template
 from sources import split_records
-from tokenizer import format_instruction, tokenizer_for_checkpoint
+from tokenizer import tokenizer_for_checkpoint
 
 SFT_CHECKPOINT_DIR = "checkpoints/sft"  # default training.checkpoint_dir here: SFT never mixes with pretraining
 
@@ -76,11 +80,24 @@ def read_base(cfg) -> tuple[dict, ModelConfig]:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_record(item) -> tuple[str, str, str, str]:
-    """(where, instruction, input, output) of one (where, record) pair from sources.iter_records, or a UsageError naming where."""
+def check_record(item) -> tuple[str, dict]:
+    """(where, record) of one (where, record) pair from sources.iter_records, checked, or a UsageError naming where.
+
+    An instruction record comes back as {instruction, input, output} (input "" when left out), a conversation
+    as {messages}.
+    """
     where, record = item
     if not isinstance(record, dict):
-        raise UsageError(f"{where}: expected a JSON object with 'instruction' and 'output', got {record!r:.60}")
+        raise UsageError(f"{where}: expected a JSON object with 'instruction' and 'output' (or 'messages'), "
+                         f"got {record!r:.60}")
+    if "messages" in record:
+        try:
+            messages = check_messages(record["messages"])
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UsageError(f"{where}: the conversation has no assistant message, so nothing to learn from it")
+        return where, {"messages": messages}
     for key in ("instruction", "output"):
         if not isinstance(record.get(key), str):
             problem = "has no" if record.get(key) is None else "has a non-string"
@@ -88,7 +105,7 @@ def check_record(item) -> tuple[str, str, str, str]:
                              "input is optional)")
     if record.get("input") is not None and not isinstance(record["input"], str):
         raise UsageError(f"{where}: record has a non-string 'input' (input is optional text: a string, or left out)")
-    return where, record["instruction"], record.get("input") or "", record["output"]
+    return where, {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
 def load_records(data):
@@ -97,44 +114,58 @@ def load_records(data):
     return [check_record(r) for r in train], [check_record(r) for r in val], how
 
 
-def encode_example(tokenizer, instruction: str, input_text: str, output: str, max_tokens: int):
-    """(ids, n_prompt, truncated) for one record, or None when not even one response token fits.
+def chat_for_base(meta: dict, tokenizer) -> Chat:
+    """The template SFT trains on: the base's own (an imported chat model's), else our instruction template."""
+    return Chat(chat_template_for(meta) or instruction_chat_template(), tokenizer)
 
-    The prompt is encoded ALONE, exactly as infer.py encodes it, and the response (+ EOS) is encoded
-    separately and appended. Encoding prompt + output as one string can let a tokenizer merge tokens
-    across the boundary (tokenizers that glue a newline or space to the next word do), which would
-    train the model on a prompt ending that inference never produces. With GPT-2's BPE the two ways
-    agree on every bundled record (tests/test_finetune.py checks it); this way is right for any tokenizer.
 
-    Too long (> max_tokens): the input text is trimmed first, then the response (which then has no
-    EOS: it did not end there). The instruction and the headers are never cut.
+def encode_example(chat: Chat, record: dict, max_tokens: int):
+    """(ids, trained, truncated) for one checked record, or None when not even one trained token fits.
+
+    trained[i] says whether ids[i] is a token the model learns to produce (chat.Chat.encode: the assistant
+    turns and their end-of-turn tokens). Each prompt is encoded ALONE, exactly as infer.py encodes it, and
+    each reply separately: encoding prompt + reply as one string can let a tokenizer merge tokens across the
+    boundary (tokenizers that glue a newline or space to the next word do), which would train the model on
+    a prompt ending that inference never produces. With GPT-2's BPE the two ways agree on every bundled
+    record (tests/test_finetune.py checks it); this way is right for any tokenizer.
+
+    Too long (> max_tokens): an instruction record's input text is trimmed first, then the end is cut
+    (a cut reply has no end-of-turn: it did not end there). The instruction and the headers are never cut.
     """
-    response = tokenizer.encode(output.strip()) + [tokenizer.eos_id]
-    prompt = tokenizer.encode(format_instruction(instruction, input_text))
-    input_ids = tokenizer.encode(input_text.strip()) if input_text.strip() else []
-    truncated = False
-    while len(prompt) + len(response) > max_tokens and input_ids:
-        excess = len(prompt) + len(response) - max_tokens
+    if "messages" in record:
+        ids, trained = chat.encode(record["messages"])
+        return fit(ids, trained, max_tokens, truncated=False)
+    input_text, input_ids = record["input"], chat.tokenizer.encode(record["input"].strip())
+    trimmed = False
+    while True:
+        messages = [chat.user_message(record["instruction"], input_text),
+                    {"role": "assistant", "content": record["output"].strip()}]
+        ids, trained = chat.encode(messages)
+        excess = len(ids) - max_tokens
+        if excess <= 0 or not input_ids:
+            return fit(ids, trained, max_tokens, truncated=trimmed)
         input_ids = input_ids[:max(0, len(input_ids) - excess)]
-        prompt = tokenizer.encode(format_instruction(instruction, tokenizer.decode(input_ids)))
-        truncated = True
-    if len(prompt) >= max_tokens:
+        input_text, trimmed = chat.tokenizer.decode(input_ids), True
+
+
+def fit(ids: list[int], trained: list[bool], max_tokens: int, truncated: bool):
+    """encode_example's answer: the first max_tokens tokens, or None when none of them is trained."""
+    if True not in trained[:max_tokens]:
         return None
-    ids = prompt + response
-    return ids[:max_tokens], len(prompt), truncated or len(ids) > max_tokens
+    return ids[:max_tokens], trained[:max_tokens], truncated or len(ids) > max_tokens
 
 
-def make_sample(ids: list[int], n_prompt: int):
-    """(x, y) for next-token training: y = ids shifted left, -100 where the target is still prompt.
+def make_sample(ids: list[int], trained: list[bool]):
+    """(x, y) for next-token training: y = ids shifted left, -100 where the target is not a trained token.
 
-    y[i] is the token after x[i]; the first supervised target is the first response token, predicted
+    y[i] is the token after x[i]; the first supervised target is the first reply token, predicted
     from the last prompt token (the newline after "### Response:").
     """
     import torch
 
     tokens = torch.tensor(ids)
     x, y = tokens[:-1], tokens[1:].clone()
-    y[:n_prompt - 1] = -100
+    y[~torch.tensor(trained[1:], dtype=torch.bool)] = -100
     return x, y
 
 
@@ -154,19 +185,19 @@ def pad_batch(samples, pad_id: int):
     return x, y
 
 
-def build_examples(records, tokenizer, max_tokens: int):
+def build_examples(records, chat: Chat, max_tokens: int):
     """(samples, stats): (x, y) pairs for the records that fit, and counts for the plan."""
     samples, stats = [], {"skipped": 0, "truncated": 0, "tokens": 0, "supervised": 0}
-    for where, instruction, input_text, output in records:
-        encoded = encode_example(tokenizer, instruction, input_text, output, max_tokens)
+    for _, record in records:
+        encoded = encode_example(chat, record, max_tokens)
         if encoded is None:
             stats["skipped"] += 1
             continue
-        ids, n_prompt, truncated = encoded
+        ids, trained, truncated = encoded
         stats["truncated"] += truncated
         stats["tokens"] += len(ids) - 1
-        stats["supervised"] += len(ids) - n_prompt
-        samples.append(make_sample(ids, n_prompt))
+        stats["supervised"] += sum(trained[1:])
+        samples.append(make_sample(ids, trained))
     return samples, stats
 
 
@@ -202,22 +233,28 @@ def plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, wor
     ]
 
 
-def show_example(records, n: int, tokenizer, max_tokens: int, n_train: int) -> None:
+def show_example(records, n: int, chat: Chat, max_tokens: int, n_train: int) -> None:
     """Print record n (file order) as the model trains on it, supervised tokens inside [[ ]]."""
     if not 0 <= n < len(records):
         raise UsageError(f"--show-example {n}: there are {len(records)} records (0 to {len(records) - 1})")
-    where, instruction, input_text, output = records[n]
-    encoded = encode_example(tokenizer, instruction, input_text, output, max_tokens)
+    where, record = records[n]
+    encoded = encode_example(chat, record, max_tokens)
     role = "training" if n < n_train else "validation"
     if encoded is None:
         print(f"example {n} ({where}, {role}) is skipped: its prompt alone exceeds seq_len+1 = {max_tokens} tokens")
         return
-    ids, n_prompt, truncated = encoded
-    print(f"example {n} ({where}, {role}): {len(ids)} tokens, {len(ids) - n_prompt} supervised"
+    ids, trained, truncated = encoded
+    print(f"example {n} ({where}, {role}): {len(ids)} tokens, {sum(trained)} supervised"
           f"{' (truncated)' if truncated else ''}. Trained on = inside [[ ]]; the rest is context (label -100).\n")
-    print(tokenizer.decode(ids[:n_prompt]) + "[[" + tokenizer.decode(ids[n_prompt:]) + "]]\n")
-    pieces = [repr(tokenizer.decode([i])) for i in ids]
-    print("tokens: " + " ".join(p if k < n_prompt else f"[[{p}]]" for k, p in enumerate(pieces)))
+    spans, start = [], 0  # runs of tokens that are all trained, or all context
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or trained[k] != trained[start]:
+            text = chat.tokenizer.decode(ids[start:k])
+            spans.append(f"[[{text}]]" if trained[start] else text)
+            start = k
+    print("".join(spans) + "\n")
+    pieces = [repr(chat.tokenizer.decode([i])) for i in ids]
+    print("tokens: " + " ".join(f"[[{p}]]" if t else p for p, t in zip(pieces, trained)))
 
 
 class PadWith:
@@ -252,15 +289,16 @@ def main(argv=None) -> int:
     base, model_cfg = read_base(cfg)
     base_meta = base["meta"]
     tokenizer = tokenizer_for_checkpoint(base, "auto", cfg.data.offline)  # the base's own tokenizer
+    chat = chat_for_base(base_meta, tokenizer)
 
-    # 2. Records -> examples (prompt labels -100), checked before anything heavy.
+    # 2. Records -> examples (labels -100 but on assistant turns), checked before anything heavy.
     train_records, val_records, how = load_records(cfg.data)
     max_tokens = train_cfg.seq_len + 1  # seq_len inputs, each with its next-token target
     if args.show_example is not None:
-        show_example(train_records + val_records, args.show_example, tokenizer, max_tokens, len(train_records))
+        show_example(train_records + val_records, args.show_example, chat, max_tokens, len(train_records))
         return 0
-    train, stats = build_examples(train_records, tokenizer, max_tokens)
-    val, _ = build_examples(val_records, tokenizer, max_tokens)
+    train, stats = build_examples(train_records, chat, max_tokens)
+    val, _ = build_examples(val_records, chat, max_tokens)
     if not train or not val:
         raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
                          "tokens: raise training.seq_len, add records, or adjust data.val_docs")
@@ -297,7 +335,7 @@ def main(argv=None) -> int:
     final = os.path.join(train_cfg.checkpoint_dir, "final.ckpt")
     run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
                        tokens_per_epoch=padded_tokens_per_epoch(train, train_cfg.micro_batch_size, train_cfg.seed), plan=plan,
-                       precision=precision, precision_why=why,
+                       precision=precision, precision_why=why, chat_template=base_meta.get("chat_template"),
                        next_command=f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
     return training.fit(fabric, run, model, optimizers, peak_lrs, train, val, state, collate_fn=PadWith(tokenizer.eos_id))
 

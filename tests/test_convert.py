@@ -19,7 +19,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from cli import UsageError
 from infer import load_model
 from model import ModelConfig, Transformer
-from tokenizer import format_instruction, load_tokenizer
+from chat import format_instruction, instruction_chat_template
+from tokenizer import load_tokenizer
 from conftest import ROOT, run_script
 
 transformers = pytest.importorskip("transformers")
@@ -290,7 +291,8 @@ def test_tokenizer_config_and_generation_config(sft_export):
 
 def test_imported_chat_template_travels_until_fine_tuned(tmp_path):
     """from-hf keeps a model's own template (tokenizer_config.json or chat_template.jinja); to-hf and to-gguf
-    export it; once the checkpoint is fine-tuned here (kind sft) the export carries the instruction template."""
+    export it, also once fine-tuned here (finetune.py trains on it and keeps it); a checkpoint fine-tuned here
+    without one (kind sft) exports the instruction template."""
     tok_dir, _ = word_tokenizer_folder(tmp_path / "tok")
     theirs = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
     for source in ("tokenizer_config.json", "chat_template.jinja"):
@@ -306,13 +308,17 @@ def test_imported_chat_template_travels_until_fine_tuned(tmp_path):
         assert load_checkpoint(str(ckpt))["meta"]["chat_template"] == theirs
         convert.main(["to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / f"{source}-hf")])
         assert transformers.AutoTokenizer.from_pretrained(tmp_path / f"{source}-hf").chat_template == theirs
-    fine_tuned = load_checkpoint(str(ckpt))  # what finetune.py writes: kind sft, the base's meta otherwise
+    fine_tuned = load_checkpoint(str(ckpt))  # what finetune.py writes: kind sft, the template it trained on kept
     fine_tuned["meta"]["kind"] = "sft"
     save_checkpoint(fine_tuned, str(tmp_path / "sft.ckpt"))
     convert.main(["to-hf", "--ckpt", str(tmp_path / "sft.ckpt"), "--out", str(tmp_path / "sft-hf")])
-    assert not (tmp_path / "sft-hf" / "chat_template.jinja").exists()
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "sft-hf").chat_template == \
-        convert.instruction_chat_template()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "sft-hf").chat_template == theirs
+    del fine_tuned["meta"]["chat_template"]  # fine-tuned here on a base without one: the instruction template
+    save_checkpoint(fine_tuned, str(tmp_path / "sft-ours.ckpt"))
+    convert.main(["to-hf", "--ckpt", str(tmp_path / "sft-ours.ckpt"), "--out", str(tmp_path / "sft-ours-hf")])
+    assert not (tmp_path / "sft-ours-hf" / "chat_template.jinja").exists()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "sft-ours-hf").chat_template == \
+        instruction_chat_template()
 
 
 def test_pretrained_export_has_no_chat_template(tiny_ckpt, tmp_path):

@@ -33,7 +33,8 @@ import infer
 from conftest import ROOT, run_script, write_config
 from infer import load_model
 from plots import read_losses
-from tokenizer import format_instruction, load_tokenizer
+from chat import format_instruction
+from tokenizer import load_tokenizer
 
 TEXT = "The cat sat on the mat. Caf\u00e9 au lait, na\u00efve \U0001f916"  # 2-byte characters; the robot emoji is 3 tokens
 

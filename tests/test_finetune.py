@@ -12,16 +12,30 @@ import pytest
 import torch
 import yaml
 
+import chat
 import finetune
-import tokenizer
 import training
 from checkpoint import read_meta
 from cli import UsageError
 from conftest import ROOT, TINY_CONFIG, run_script
 from infer import load_model
-from tokenizer import format_instruction, load_tokenizer
+from tokenizer import load_tokenizer
 
 TOK = load_tokenizer("gpt2")
+ALPACA = chat.Chat(chat.instruction_chat_template(), TOK)  # what SFT of our own models trains on
+format_instruction = chat.format_instruction
+
+
+def encode_example(instruction, input_text, output, max_tokens):
+    """finetune.encode_example of an instruction record, as (ids, n_prompt, truncated): one reply, after the prompt."""
+    record = {"instruction": instruction, "input": input_text, "output": output}
+    encoded = finetune.encode_example(ALPACA, record, max_tokens)
+    if encoded is None:
+        return None
+    ids, trained, truncated = encoded
+    n_prompt = trained.index(True)
+    assert all(trained[n_prompt:])  # one supervised stretch: the reply, to the end
+    return ids, n_prompt, truncated
 
 
 def sft_config(folder, base, **settings):
@@ -42,12 +56,12 @@ def sft_config(folder, base, **settings):
 
 
 def test_labels_cover_exactly_the_response_and_eos_shifted_by_one():
-    ids, n_prompt, truncated = finetune.encode_example(TOK, "Add the numbers.", "2 and 3", "2 plus 3 is 5.", 100)
+    ids, n_prompt, truncated = encode_example("Add the numbers.", "2 and 3", "2 plus 3 is 5.", 100)
     prompt = TOK.encode(format_instruction("Add the numbers.", "2 and 3"))
     assert ids[:n_prompt] == prompt and n_prompt == len(prompt) and not truncated
     assert ids[n_prompt:] == TOK.encode("2 plus 3 is 5.") + [TOK.eos_id]
 
-    x, y = finetune.make_sample(ids, n_prompt)
+    x, y = finetune.make_sample(ids, [k >= n_prompt for k in range(len(ids))])
     assert x.tolist() == ids[:-1]
     supervised = (y != -100).nonzero().flatten().tolist()
     assert supervised == list(range(n_prompt - 1, len(ids) - 1))  # from the last prompt token on
@@ -57,22 +71,20 @@ def test_labels_cover_exactly_the_response_and_eos_shifted_by_one():
 
 def test_prompt_is_encoded_as_inference_encodes_it():
     # The prompt's ids are what infer.py feeds the model; the response is encoded on its own (stripped).
-    ids, n_prompt, _ = finetune.encode_example(TOK, "Say hi.", "", "   hi", 100)
+    ids, n_prompt, _ = encode_example("Say hi.", "", "   hi", 100)
     assert ids == TOK.encode(format_instruction("Say hi.")) + TOK.encode("hi") + [TOK.eos_id]
     # With GPT-2 this equals encoding the whole text at once, so the boundary holds no surprise tokens.
     for record in map(json.loads, open(ROOT / "data" / "tiny_instructions.jsonl")):
-        ids, n_prompt, _ = finetune.encode_example(TOK, record["instruction"], record.get("input", ""),
-                                                   record["output"], 1000)
+        ids, n_prompt, _ = encode_example(record["instruction"], record.get("input", ""), record["output"], 1000)
         prompt = format_instruction(record["instruction"], record.get("input", ""))
         assert ids == TOK.encode(prompt + record["output"].strip()) + [TOK.eos_id]
 
 
 def test_one_template_shared_with_inference():
-    assert finetune.format_instruction is tokenizer.format_instruction
-    code = (ROOT / "finetune.py").read_text().split('"""', 2)[2]  # all but the module docstring
-    assert "### Instruction" not in code  # no second copy of the template
-    if (ROOT / "infer.py").exists():
-        assert "def format_instruction" not in (ROOT / "infer.py").read_text()
+    assert finetune.chat_for_base({"kind": "pretrain"}, TOK).template == chat.instruction_chat_template()
+    for script in ("finetune.py", "infer.py", "explore.py", "tokenizer.py", "convert.py"):
+        code = (ROOT / script).read_text().split('"""', 2)[2]  # all but the module docstring
+        assert "### Instruction" not in code and "def format_instruction" not in code  # no second copy
 
 
 def test_truncation_trims_input_first_then_response_never_the_header():
@@ -82,23 +94,23 @@ def test_truncation_trims_input_first_then_response_never_the_header():
 
     # Room for the header, the whole response and a little input: only the input shrinks.
     limit = len(header) + len(response) + 10
-    ids, n_prompt, truncated = finetune.encode_example(TOK, instruction, long_input, output, limit)
+    ids, n_prompt, truncated = encode_example(instruction, long_input, output, limit)
     assert truncated and len(ids) <= limit and ids[n_prompt:] == response
     prompt = TOK.decode(ids[:n_prompt])
     assert prompt.startswith(f"### Instruction:\n{instruction}\n\n### Input:\nword") and prompt.endswith(
         "### Response:\n")
 
     # No room for all of the response: the input is gone, the response is cut and has no EOS.
-    ids, n_prompt, truncated = finetune.encode_example(TOK, instruction, long_input, output, len(header) + 3)
+    ids, n_prompt, truncated = encode_example(instruction, long_input, output, len(header) + 3)
     assert truncated and ids[:n_prompt] == header and ids[n_prompt:] == response[:3]
     assert TOK.eos_id not in ids
 
     # Not even one response token fits after the instruction: the example is skipped.
-    assert finetune.encode_example(TOK, instruction, long_input, output, len(header)) is None
+    assert encode_example(instruction, long_input, output, len(header)) is None
 
 
 def test_batches_are_padded_to_their_longest_example():
-    samples = [finetune.make_sample(*finetune.encode_example(TOK, q, "", a, 100)[:2])
+    samples = [finetune.make_sample(*finetune.encode_example(ALPACA, {"instruction": q, "input": "", "output": a}, 100)[:2])
                for q, a in [("Hi?", "Hello."), ("Name three colors.", "Red, green and blue are colors.")]]
     x, y = finetune.pad_batch(samples, pad_id=TOK.eos_id)
     assert x.shape == y.shape == (2, max(len(s[0]) for s in samples))
@@ -246,7 +258,7 @@ def test_finetuning_lowers_response_loss_and_resumes(tmp_path, tiny_ckpt, capsys
 
     cfg = finetune.load_finetune_config(config)
     train_records, _, _ = finetune.load_records(cfg.data)
-    samples, _ = finetune.build_examples(train_records[:64], TOK, cfg.training.seq_len + 1)
+    samples, _ = finetune.build_examples(train_records[:64], ALPACA, cfg.training.seq_len + 1)
     before, after = response_loss(tiny_ckpt, samples), response_loss(final, samples)
     assert after < before - 0.5, (before, after)
 

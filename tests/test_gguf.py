@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import chat
 import convert
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import UsageError
@@ -192,7 +193,7 @@ def test_metadata(checkpoints, tmp_path):
         "tokenizer.ggml.pretokenizer": convert.GPT2_SPLIT,
         "tokenizer.ggml.eos_token_id": 50256, "tokenizer.ggml.bos_token_id": 50256,
         "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.chat_template": convert.instruction_chat_template(),  # an SFT checkpoint
+        "tokenizer.chat_template": chat.instruction_chat_template(),  # an SFT checkpoint
     }
     assert len(tokens) == len(token_types) == 50257 and len(merges) == 50000
     assert tokens[50256] == "<|endoftext|>" and token_types[50256] == gguf.TokenType.CONTROL

@@ -259,11 +259,11 @@ def test_instruction_template_only_for_fine_tuned_checkpoints(ckpt, sft_ckpt, ca
     def wrapped(path, *flags):
         assert infer.main(["--ckpt", str(path), "--prompt", "Name a color.", "--max-new-tokens", "2", *flags]) == 0
         out, err = capsys.readouterr()
-        assert out.startswith("Name a color.") != ("instruction template on" in err)  # a base model echoes its prompt
-        return "instruction template on" in err
+        assert out.startswith("Name a color.") != ("chat template on" in err)  # a base model echoes its prompt
+        return "chat template on" in err
 
     assert wrapped(sft_ckpt) and not wrapped(ckpt)
-    assert wrapped(ckpt, "--instruct") and not wrapped(sft_ckpt, "--no-wrap")
+    assert wrapped(ckpt, "--instruct") and not wrapped(sft_ckpt, "--no-wrap") and not wrapped(sft_ckpt, "--raw")
 
 
 def test_interactive_chat_remembers_turns_within_the_window(sft_ckpt):
@@ -351,7 +351,7 @@ def test_infer_explore_and_evaluate_checkpoints_condition_a_prompt_alike(ckpt, l
 
     monkeypatch.setattr(infer, "generate", recording("infer"))
     args = infer.parse_args(["--prompt", prompt, "--max-new-tokens", "2", "--seed", "0"])
-    infer.run_once(model, None, tokenizer, args, instruct=False, seed=0)
+    infer.run_once(model, None, tokenizer, args, chat=None, seed=0)
 
     monkeypatch.setattr(infer, "generate", recording("explore"))
     run = explore.Loaded(str(ckpt), torch.device("cpu"))
