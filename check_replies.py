@@ -7,10 +7,9 @@ Examples (after the fine-tune of config_finetune_smollm2.yaml, see docs/PERFORMA
     python check_replies.py --ckpt checkpoints/smollm2/base.ckpt --cases cases/chat/general_questions.yaml
     python check_replies.py --ckpt checkpoints/smollm2/base.ckpt checkpoints/smollm2/sft/final.ckpt --json replies.json
 
-Each checkpoint answers every case's prompt as a chat model is asked: the prompt is the user's message,
-rendered through the checkpoint's chat template (the Alpaca template of a model fine-tuned here when it has
-none), and the reply is decoded greedily by infer.generate up to the end-of-turn token, EOS or
---max-new-tokens. A case passes when its `expect` regular expression is found in the reply (re.search:
+Each checkpoint answers every case's prompt as infer.py's chat does: the prompt is one user message,
+rendered through the checkpoint's chat template (chat.py; our instruction template when it carries none),
+and the reply is decoded greedily by infer.generate up to the template's end of turn, EOS or the token limit. A case passes when its `expect` regular expression is found in the reply (re.search:
 anchor it with ^ to test how the reply opens, add (?i) to ignore case).
 
 A case file is a YAML list of {name?, prompt, expect, max_new_tokens?} (a case that looks only at how a reply
@@ -29,9 +28,10 @@ import sys
 import torch
 
 import infer
+from chat import Chat, chat_template_for, instruction_chat_template
 from checkpoint import read_meta
 from cli import UsageError, check_output_file, pick_device, run_cli
-from tokenizer import format_instruction, tokenizer_for_checkpoint
+from tokenizer import tokenizer_for_checkpoint
 
 CASE_KEYS = {"name", "prompt", "expect", "max_new_tokens"}
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -83,67 +83,35 @@ def case_file_label(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# One user message -> prompt ids and the tokens that end the reply.
-# STAND-IN for chat.py (issue 22, item 2: the one home of chat-template rendering): at merge, replace
-# chat_prompt by chat.py's function; nothing else in this file renders templates.
-# ---------------------------------------------------------------------------------------------
-
-
-def chat_prompt(meta: dict, tokenizer, message: str) -> tuple[list[int], set[int]]:
-    """(prompt ids, stop ids) for one user message, rendered as transformers' apply_chat_template renders it.
-
-    A checkpoint with meta["chat_template"] (an imported chat model) is prompted through that Jinja template
-    with add_generation_prompt; its reply ends at the token the template closes an assistant turn with
-    (ChatML: <|im_end|>). Without one, the Alpaca prompt that finetune.py trains (format_instruction), ended by EOS.
-    """
-    template = meta.get("chat_template")
-    if not template:
-        return tokenizer.encode(format_instruction(message)), {tokenizer.eos_id}
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    compiled = env.from_string(template)
-    eos_token = tokenizer.decode([tokenizer.eos_id])
-
-    def render(messages, add_generation_prompt):
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token,
-                               bos_token="" if tokenizer.bos_id is None else tokenizer.decode([tokenizer.bos_id]))
-
-    prompt = render([{"role": "user", "content": message}], True)
-    # The end-of-turn token: the first token the template writes after an assistant message's content.
-    marker = "\x00reply\x00"
-    finished = render([{"role": "user", "content": message}, {"role": "assistant", "content": marker}], False)
-    after = tokenizer.encode(finished.split(marker, 1)[1])
-    return tokenizer.encode(prompt), {tokenizer.eos_id, *after[:1]}
-
-
-# ---------------------------------------------------------------------------------------------
 # Replies
 # ---------------------------------------------------------------------------------------------
 
 
-def reply(model, head, tokenizer, meta: dict, message: str, max_new_tokens: int) -> str:
-    """The greedy reply to one user message, without the token that ended it."""
-    prompt_ids, stop_ids = chat_prompt(meta, tokenizer, message)
+def reply(model, head, chat: Chat, message: str, max_new_tokens: int) -> str:
+    """The greedy reply to one user message, up to (without) the token or text that ends a turn."""
+    prompt_ids, _ = chat.encode([{"role": "user", "content": message}], add_generation_prompt=True)
     generator = torch.Generator(next(model.parameters()).device)  # unused at temperature 0, but generate takes one
     ids = []
     for tokens, _ in infer.generate(model, prompt_ids, max_new_tokens, GREEDY, [generator], head=head):
         token = int(tokens[0])
-        if token in stop_ids:
+        if token in chat.stop_ids:
             break
         ids.append(token)
-    return tokenizer.decode(ids).strip()
+    text = chat.tokenizer.decode(ids)
+    for stop in chat.stops:  # a multi-token end of turn, or the start of a next user turn
+        text = text.split(stop)[0]
+    return text.strip()
 
 
 def check_checkpoint(path: str, cases: list[dict], max_new_tokens: int, device, show: bool) -> dict:
     """{path, kind, step, results: [{name, file, prompt, reply, passed}]} for one checkpoint."""
     model, ckpt = infer.load_model(path, device)
     meta = ckpt["meta"]
-    tokenizer = tokenizer_for_checkpoint(ckpt)
+    chat = Chat(chat_template_for(meta) or instruction_chat_template(), tokenizer_for_checkpoint(ckpt))
     head = infer.decode_head(model)
     results = []
     for case in cases:
-        text = reply(model, head, tokenizer, meta, case["prompt"], case["max_new_tokens"] or max_new_tokens)
+        text = reply(model, head, chat, case["prompt"], case["max_new_tokens"] or max_new_tokens)
         passed = case["expect"].search(text) is not None
         results.append({"name": case["name"], "file": case["file"], "prompt": case["prompt"], "reply": text,
                         "passed": passed})
