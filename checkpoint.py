@@ -10,8 +10,10 @@ convert.py. Every script reads the same entries:
     tokenizer   the tokenizer itself (its tokenizer.json text and EOS token), so that a checkpoint
                 works anywhere, offline, with nothing beside it (see tokenizer.tokenizer_for_checkpoint)
 
-A training checkpoint also holds the optimizer's state (under the optimizer's name, e.g. "adamw"), the
-random generator's state ("rng") and, inside meta, "train_state": what resuming needs.
+A checkpoint a run resumes from (the periodic `epoch=E-step=S.ckpt` ones) also holds the optimizer's state
+(under the optimizer's name, e.g. "adamw"), the random generator's state ("rng") and, inside meta,
+"train_state": what resuming needs. best.ckpt and final.ckpt hold the weights only (training.save).
+A LoRA run's checkpoints also hold its adapters (meta["lora"]; see lora.py), merged as they are loaded.
 
 Writes are atomic (temporary file, fsync, rename), so a killed process never leaves a truncated
 checkpoint under a good name. Reads check everything before any script uses a file: the zip archive's
@@ -132,8 +134,12 @@ def _verify_archive(path: str) -> None:
                          "pick another checkpoint, e.g. an earlier epoch=...-step=... file")
 
 
-def load_checkpoint(path: str, mmap: bool = True) -> dict:
+def load_checkpoint(path: str, mmap: bool = True, merge_lora: bool = True) -> dict:
     """Load and check a checkpoint (tensors and plain data only), memory-mapped so unused tensors cost nothing.
+
+    A LoRA run's checkpoint (meta["lora"], lora.py) comes back merged, the state dict of a plain Transformer
+    and the settings moved to meta["merged_lora"]: what every script that runs a model needs. merge_lora=False
+    keeps the adapters apart (resuming that run, exporting them with `convert.py to-peft`).
 
     Every problem is a UsageError naming the file: missing, not a checkpoint, corrupted, holding Python
     objects, or a meta that describes no model. (Whether the weights fit that model is checked where they
@@ -164,6 +170,11 @@ def load_checkpoint(path: str, mmap: bool = True) -> dict:
         config = model_config_of(ckpt["meta"], path, stored_tokenizer_size(ckpt, path))
     ckpt["meta"]["model_config"]["vocab_size"] = config.vocab_size  # what every reader of this dict sees
     ckpt["state_dict"] = fit_vocab_rows(ckpt["state_dict"], config)
+    if merge_lora and ckpt["meta"].get("lora"):
+        from lora import merge_state_dict
+
+        ckpt["state_dict"] = merge_state_dict(ckpt["state_dict"], ckpt["meta"]["lora"], path)
+        ckpt["meta"]["merged_lora"] = ckpt["meta"].pop("lora")
     return ckpt
 
 
@@ -280,7 +291,7 @@ def read_meta(path: str) -> dict:
             return sidecar["meta"]
     except (OSError, ValueError):
         pass  # no sidecar, or a damaged one: the checkpoint itself holds the same meta
-    return load_checkpoint(path)["meta"]
+    return load_checkpoint(path, merge_lora=False)["meta"]
 
 
 # ---------------------------------------------------------------------------------------------

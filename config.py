@@ -21,7 +21,7 @@ import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional, Union, get_type_hints
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -118,11 +118,27 @@ class Data:
     cache_dir: Optional[str] = ".cache/tokens"
 
 
+# The projections LoRA can adapt (model.Attention, model.SwiGLU; relu2's MLP has no gate_proj).
+LoRATarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRA:
+    """Sub-section `finetune.lora` (lora.py): train a low-rank update B A beside each target projection W,
+    the base frozen. Absent or null = full fine-tuning (every weight trains)."""
+
+    rank: PositiveInt = 8  # r: A is r x in, B is out x r; trainable numbers grow linearly with it
+    alpha: PositiveFloat = 16.0  # the update is (alpha / rank) * B A
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # on the adapters' input, training only
+    targets: list[LoRATarget] = field(default_factory=lambda: list(get_args(LoRATarget)))  # default: all seven
+
+
 @dataclass
 class Finetune:
     """Section `finetune` (finetune.py only). The model dims come from the base checkpoint, not from `model:`."""
 
     base_checkpoint: str = "checkpoints/final.ckpt"  # pretrained weights to start from; they fix the architecture
+    lora: Optional[LoRA] = None  # LoRA adapters instead of training every weight; null = full fine-tuning
     # Examples longer than training.seq_len + 1 tokens are cut: first the input text, then the response
     # (which then loses its EOS); the instruction and the section headers are never cut. An example whose
     # instruction alone does not fit is skipped and counted.
@@ -166,14 +182,24 @@ def _checked(cls, values: dict, prefix: str, null_is_unset: bool = False) -> dic
             raise _unknown_key(prefix, key, known)
         if value is None and null_is_unset:
             continue
-        if dataclasses.is_dataclass(hints[key]):  # a sub-section (training.early_stopping)
-            checked[key] = hints[key](**_checked(hints[key], value or {}, f"{prefix}.{key}"))
+        sub = section_class(hints[key])
+        if sub and value is None and sub is not hints[key]:  # an optional sub-section set to null: off
+            checked[key] = None
+            continue
+        if sub:  # a sub-section (training.early_stopping, finetune.lora)
+            checked[key] = sub(**_checked(sub, value or {}, f"{prefix}.{key}"))
             continue
         try:
             checked[key] = schema.check(f"{prefix}.{key}", value, hints[key])
         except ValueError as e:
             raise UsageError(str(e)) from None
     return checked
+
+
+def section_class(hint):
+    """The dataclass of a sub-section field, also of an optional one (Optional[LoRA]); None for a plain key."""
+    options = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is Union else [hint]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -215,6 +241,15 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"training.optimizer muon does not run with "
                          f"{'precision 16-mixed' if t.precision == '16-mixed' else 'hardware.strategy fsdp'}: use "
                          "precision bf16-mixed or 32 and strategy auto or ddp, or optimizer adamw")
+    lora = cfg.finetune.lora if cfg.finetune else None
+    if lora and not lora.targets:
+        raise UsageError("finetune.lora.targets is empty: name the projections to adapt (e.g. [q_proj, v_proj]), "
+                         "or set finetune.lora: null for full fine-tuning")
+    if lora and len(set(lora.targets)) < len(lora.targets):
+        raise UsageError(f"finetune.lora.targets names a projection twice ({lora.targets}): name each once")
+    if lora and t.optimizer == "muon":
+        raise UsageError("training.optimizer muon with finetune.lora: Muon orthogonalises whole matrices, not rank-"
+                         f"{lora.rank} factors; use optimizer adamw, or full fine-tuning (finetune.lora: null)")
     if cfg.hardware.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UsageError("hardware.strategy deepspeed needs the deepspeed package: pip install deepspeed, "
                          "or use ddp / fsdp")

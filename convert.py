@@ -21,6 +21,10 @@ Examples (from the repository root):
     python convert.py from-hf --model ~/models/SmolLM2-135M --out checkpoints_hf/base.ckpt
     python infer.py --ckpt checkpoints_hf/base.ckpt --prompt "The capital of France is" --temperature 0
 
+    # a LoRA run's adapters <-> PEFT's adapter folder (adapter_config.json + adapter_model.safetensors; lora.py)
+    python convert.py to-peft --ckpt checkpoints/sft_lora/final.ckpt --out adapter
+    python convert.py from-peft --base checkpoints/final.ckpt --adapter adapter --out checkpoints/lora.ckpt
+
 See docs/CONVERT.md for the whole import -> evaluate -> fine-tune -> chat walk-through.
 This script imports torch and safetensors; `transformers` only for to-hf's config files, `gguf`
 only for to-gguf.
@@ -33,6 +37,7 @@ import os
 
 import torch
 
+import lora
 from chat import chat_template_for, imported_chat_template
 from checkpoint import atomic_write, check_weights, fit_vocab_rows, load_checkpoint, model_config_of, save_checkpoint
 from cli import UsageError, check_output_file, read_text, run_cli
@@ -552,12 +557,22 @@ def parse_args(argv=None):
     inp.add_argument("--max-seq-len", "--max_seq_len", type=int, default=None,
                      help="context length (KV cache size); default: config.json's max_position_embeddings")
     inp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    peft_out = sub.add_parser("to-peft", help="a LoRA run's .ckpt -> a PEFT adapter folder (lora.py)")
+    peft_out.add_argument("--ckpt", required=True, help="checkpoint of a finetune.py run with finetune.lora")
+    peft_out.add_argument("--out", required=True, help="folder to write (adapter_config.json, adapter_model.safetensors)")
+    peft_out.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    peft_in = sub.add_parser("from-peft", help="our base .ckpt + a PEFT LoRA adapter folder -> our .ckpt (lora.py)")
+    peft_in.add_argument("--base", required=True, help="the checkpoint the adapter was trained on")
+    peft_in.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + safetensors)")
+    peft_in.add_argument("--out", required=True, help="checkpoint file to write (.ckpt)")
+    peft_in.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return {"to-hf": to_hf, "to-gguf": to_gguf, "from-hf": from_hf}[args.command](args)
+    return {"to-hf": to_hf, "to-gguf": to_gguf, "from-hf": from_hf, "to-peft": lora.to_peft,
+            "from-peft": lora.from_peft}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Examples:
     python finetune.py --config config_finetune_smoke.yaml      # SFT on data/tiny_instructions.jsonl
     python finetune.py --config config_finetune_smoke.yaml --dry-run          # check everything, print the plan
     python finetune.py --config config_finetune_smoke.yaml --show-example 3   # which tokens are trained on?
+    python finetune.py --config config_finetune_smoke.yaml --set finetune.lora.rank=8 --set training.lr=3e-3 \
+        --set training.checkpoint_dir=checkpoints/sft_lora   # LoRA (lora.py): the base frozen, adapters trained
     python finetune.py --config config_finetune.yaml            # tatsu-lab/alpaca on top of checkpoints/final.ckpt
     python infer.py --ckpt checkpoints/sft/final.ckpt --prompt "What is a token?"   # infer.py adds the template
 
@@ -23,13 +25,17 @@ and keep the template they were trained with. Running the same command again res
 """
 
 import argparse
+import dataclasses
 import os
+
+import torch
 
 import training
 from checkpoint import check_weights, load_checkpoint, load_weights
 from cli import UsageError, run_cli
 from config import apply_overrides, config_from_dict, read_yaml
 from data import ShuffledPasses
+from lora import add_lora, budget_line
 from model import ModelConfig, Transformer
 from chat import Chat, chat_template_for, check_messages, instruction_chat_template
 from sources import split_records
@@ -302,12 +308,19 @@ def main(argv=None) -> int:
     if not train or not val:
         raise UsageError(f"no {'training' if not train else 'validation'} example fits in seq_len+1 = {max_tokens} "
                          "tokens: raise training.seq_len, add records, or adjust data.val_docs")
+    lora_cfg = cfg.finetune.lora  # None: full fine-tuning
+    lora_settings = dataclasses.asdict(lora_cfg) if lora_cfg else None
     resume_from = None if args.no_resume or not train_cfg.auto_resume else training.find_resume_checkpoint(
-        train_cfg.checkpoint_dir, model_cfg, tokenizer, "sft")
+        train_cfg.checkpoint_dir, model_cfg, tokenizer, "sft", lora_settings)
     if args.dry_run:
         check_weights(base["state_dict"], model_cfg, cfg.finetune.base_checkpoint)
+        with torch.device("meta"):  # shapes only, for the trainable-parameter line
+            shapes = Transformer(model_cfg)
+            if lora_cfg:
+                add_lora(shapes, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.targets)
         print("\n".join(plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats,
-                                   training.start_fabric(cfg, launch=False)[0].world_size)))
+                                   training.start_fabric(cfg, launch=False)[0].world_size)
+                        + [budget_line(shapes, lora_settings)]))
         print("dry run: config, data and base checkpoint are valid; no model was built")
         return 0
     if training.already_done(resume_from, train_cfg):
@@ -316,12 +329,15 @@ def main(argv=None) -> int:
     # 3. Devices and processes: from here on this is one rank of the run (Lightning started the others).
     fabric, precision, why = training.start_fabric(cfg)
 
-    # 4. The model with the base's weights (a resumed run gets its own from the SFT checkpoint), its optimizer.
+    # 4. The model with the base's weights (a resumed run gets its own from the SFT checkpoint), with LoRA
+    #    adapters if asked (the base then frozen: lora.py), and its optimizer over what trains.
     fabric.seed_everything(train_cfg.seed, verbose=False)
     with fabric.init_module():
         model = Transformer(model_cfg)
     if not resume_from:
         load_weights(model, base["state_dict"], cfg.finetune.base_checkpoint)
+    if lora_cfg:
+        add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.targets)
     if train_cfg.compile:
         model.compile()
     optimizers, peak_lrs = training.make_optimizers(model, train_cfg)
@@ -330,12 +346,14 @@ def main(argv=None) -> int:
     # 5. Resume, then the loop (training.fit) and final.ckpt.
     state = training.restore(fabric, resume_from.path, model, optimizers, train_cfg) if resume_from else training.TrainState()
     plan = plan_lines(cfg, base_meta, model_cfg, tokenizer, how, train, val, stats, fabric.world_size) + [
+        budget_line(model, lora_settings),
         f"resuming from {resume_from.path} at step {state.step}" if resume_from
         else f"starting from the base weights of {cfg.finetune.base_checkpoint}"]
     final = os.path.join(train_cfg.checkpoint_dir, "final.ckpt")
     run = training.Run(kind="sft", cfg=cfg, model_config=model_cfg, tokenizer=tokenizer,
                        tokens_per_epoch=padded_tokens_per_epoch(train, train_cfg.micro_batch_size, train_cfg.seed), plan=plan,
                        precision=precision, precision_why=why, chat_template=base_meta.get("chat_template"),
+                       lora=lora_settings,
                        next_command=f"python infer.py --ckpt {final} --prompt \"What is a token?\"")
     return training.fit(fabric, run, model, optimizers, peak_lrs, train, val, state, collate_fn=PadWith(tokenizer.eos_id))
 

@@ -39,6 +39,7 @@ from checkpoint import META_SUFFIX, link_checkpoint, load_checkpoint, model_conf
 from cli import UsageError, pick_device
 from data import ShuffledPasses, StridedSampler
 from config import Config, Training
+from lora import describe, same_adapters
 from eval_val import score_batch
 from model import ModelConfig
 from tokenizer import Tokenizer
@@ -193,16 +194,24 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
             # 8. Stop early?
             if interrupted:
                 if fabric.is_global_zero:
-                    print(f"interrupted at step {state.step}: saved {os.path.join(folder, 'last.ckpt')}; to resume, "
+                    last = os.path.join(folder, "last.ckpt")
+                    print(f"interrupted at step {state.step}: saved {last} ({file_size(last)}); to resume, "
                           f"run the same command again: {resume_command()}", file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED.get(stop.received, 130)
             if early_stop or out_of_time:
                 break
 
-        # The end: validate the final weights (unless this very step did), write final.ckpt.
+        # The end: validate the final weights (unless this very step did), write final.ckpt (weights only)
+        # and, unless this step's periodic save did, a checkpoint to resume from: raise max_steps, run again.
         if state.validated_at != state.step:
             run_validation(fabric, run, model, optimizers, val_samples, state, collate_fn)
-        final = save(fabric, run, "final.ckpt", model, optimizers, state)
+        if not (train_cfg.save_every and state.step % train_cfg.save_every == 0):
+            save(fabric, run, f"epoch={int(epochs(run, state) or 0)}-step={state.step}.ckpt", model, optimizers,
+                 state)
+            if fabric.is_global_zero:
+                prune(folder, train_cfg.keep_last)
+        resume_path = periodic_checkpoints(folder)[-1] if fabric.is_global_zero else None
+        final = save(fabric, run, "final.ckpt", model, optimizers, state, resumable=False)
     except FloatingPointError as e:  # a non-finite loss, or weights about to be saved
         if fabric.is_global_zero:
             print(f"error: {e}: lower training.lr or use training.precision: 32; the last good checkpoint is kept",
@@ -213,7 +222,9 @@ def fit(fabric, run: Run, model, optimizers: dict, peak_lrs: dict, train_samples
         if lock:
             lock.close()  # releases the run folder
     if fabric.is_global_zero:
-        print(f"done: {final} (val_loss {state.last_val_loss:.4f}); try: {run.next_command}", flush=True)
+        print(f"done: {final} ({file_size(final)}, weights only; {resume_path} {file_size(resume_path)} adds the "
+              f"optimizer state to resume from) (val_loss {state.last_val_loss:.4f}); try: {run.next_command}",
+              flush=True)
     return 0
 
 
@@ -339,6 +350,7 @@ class Run:
     precision_why: str = ""
     peak_flops: float | None = None  # measured fp32 matmul FLOP/s: the yardstick of the MFU figures
     chat_template: str | None = None  # SFT of an imported chat model: the template it was trained on (chat.py)
+    lora: dict | None = None  # finetune.lora's settings in a LoRA run (lora.py), else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +610,7 @@ def atomic_checkpoint_io():
             save_checkpoint(checkpoint, str(path))
 
         def load_checkpoint(self, path, map_location=None, weights_only=None):
-            return load_checkpoint(str(path), mmap=False)
+            return load_checkpoint(str(path), mmap=False, merge_lora=False)  # a LoRA run resumes with its adapters
 
         def remove_checkpoint(self, path):
             os.remove(path)
@@ -619,19 +631,21 @@ class ResumePoint(NamedTuple):
     meta: dict
 
 
-def find_resume_checkpoint(folder: str, model_config: ModelConfig, tokenizer: Tokenizer, kind: str) -> ResumePoint | None:
+def find_resume_checkpoint(folder: str, model_config: ModelConfig, tokenizer: Tokenizer, kind: str,
+                           lora: dict | None = None) -> ResumePoint | None:
     """The newest checkpoint in `folder` (not its subfolders) to resume from, or None.
 
-    A checkpoint of another architecture, tokenizer (by content: a tokenizer retrained under the same
-    name is another tokenizer) or kind stops the run with a message instead of being silently ignored.
+    Only checkpoints that hold a training state count (not the weights-only best.ckpt and final.ckpt). A
+    checkpoint of another architecture, tokenizer (by content: a tokenizer retrained under the same name is
+    another tokenizer), kind or LoRA setting stops the run with a message instead of being silently ignored.
     """
     candidates = []
     for path in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")):
         meta = read_meta(path)
-        candidates.append((meta["step"], os.path.getmtime(path), path, meta))
+        candidates.append(("train_state" in meta, meta["step"], os.path.getmtime(path), path, meta))
     if not candidates:
         return None
-    step, _, path, meta = max(candidates, key=lambda c: (c[0], c[1]))
+    _, step, _, path, meta = max(candidates, key=lambda c: c[:3])  # the newest resumable one, if any
     # Compared as load_checkpoint reads it: a file from before the model padded its own vocabulary is migrated.
     theirs, ours = vars(model_config_of(meta, path, tokenizer.vocab_size)), vars(model_config)
     for key in ours:
@@ -645,6 +659,9 @@ def find_resume_checkpoint(folder: str, model_config: ModelConfig, tokenizer: To
         raise UsageError(f"cannot resume from {path}: it was trained with another tokenizer than {tokenizer.spec!r} "
                          "(different tokens or rules, even if the name is the same); pass --no_resume or set "
                          "training.checkpoint_dir elsewhere")
+    if not same_adapters(meta.get("lora"), lora):
+        raise UsageError(f"cannot resume from {path}: it is a {describe(meta.get('lora'))} checkpoint, the config "
+                         f"says {describe(lora)}; pass --no_resume or set training.checkpoint_dir elsewhere")
     if "train_state" not in meta:
         raise UsageError(f"cannot resume from {path}: it holds no training state (an imported model, or a file "
                          "from an older version); pass --no_resume or set training.checkpoint_dir elsewhere")
@@ -677,9 +694,12 @@ def restore(fabric, path: str, model, optimizers: dict, train_cfg: Training) -> 
     return state
 
 
-def save(fabric, run: Run, name: str, model, optimizers: dict, state: TrainState) -> str:
+def save(fabric, run: Run, name: str, model, optimizers: dict, state: TrainState, resumable: bool = True) -> str:
     """Write folder/name (every rank takes part; rank 0 writes) and point last.ckpt at it.
 
+    resumable: the optimizer state, the random state and meta["train_state"] too, all a run needs to continue
+    exactly (the periodic checkpoints). Otherwise the weights only, with the tokenizer and meta (best.ckpt and
+    final.ckpt: what scripts use, a third of the size with AdamW's two moments left out).
     Weights that are no longer finite are never saved: FloatingPointError instead, and the newest
     checkpoint on disk stays the last good one.
     """
@@ -688,9 +708,13 @@ def save(fabric, run: Run, name: str, model, optimizers: dict, state: TrainState
         raise FloatingPointError(f"the weights became inf/nan by step {state.step}")
     folder = run.cfg.training.checkpoint_dir
     path = os.path.join(folder, name)
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    fabric.save(path, {"state_dict": model, **optimizers, "rng": rng, "tokenizer": run.tokenizer.to_dict(),
-                       "meta": checkpoint_meta(run, model, state)})
+    contents = {"state_dict": model, "tokenizer": run.tokenizer.to_dict(), "meta": checkpoint_meta(run, model, state)}
+    if resumable:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        contents.update(optimizers, rng=rng)
+    else:
+        del contents["meta"]["train_state"]  # no file to resume from (find_resume_checkpoint skips it)
+    fabric.save(path, contents)
     if fabric.is_global_zero and name != "last.ckpt":
         link_checkpoint(path, os.path.join(folder, "last.ckpt"))
     return path
@@ -717,6 +741,7 @@ def checkpoint_meta(run: Run, model, state: TrainState) -> dict:
         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "train_state": saved,
         **({"chat_template": run.chat_template} if run.chat_template else {}),
+        **({"lora": run.lora} if run.lora else {}),  # the adapters' settings: lora.py, merged at load
     }
 
 
@@ -771,6 +796,12 @@ def claim_run_folder(fabric, folder: str, fresh: bool):
         print(f"starting afresh: the earlier run in {folder} ({moved[1]} checkpoints, its metrics.csv and loss "
               f"curve) was moved to {moved[0]}", flush=True)
     return lock
+
+
+def file_size(path: str) -> str:
+    """'1.62 GB', '540.3 MB': a checkpoint's size for the log lines."""
+    size = os.path.getsize(path)
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def prune(folder: str, keep_last: int) -> None:
