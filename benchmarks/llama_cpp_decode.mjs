@@ -38,6 +38,9 @@ async function decode() {
         if (ids.length === 1) first = performance.now();
         if (ids.length === newTokens) break;
     }
+    if (ids.length < newTokens)  // llama.cpp stops at an end-of-generation token; ours does not
+        throw new Error(`llama.cpp ended after ${ids.length} of ${newTokens} tokens (an end-of-text token): ` +
+                        "use another prompt or fewer --new-tokens");
     return {ids, tokensPerSecond: (newTokens - 1) / ((performance.now() - first) / 1000)};
 }
 
