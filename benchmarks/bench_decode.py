@@ -12,8 +12,7 @@ once outside the repository:
 
 Examples (from the repository root; run under the CPU lock when recording numbers):
 
-    flock /tmp/cpu.lock python benchmarks/bench_decode.py --ckpt smollm2.ckpt --llama-dir /tmp/llama \\
-        --gguf smollm2_f32.gguf --gguf smollm2_q8_0.gguf
+    flock /tmp/cpu.lock python benchmarks/bench_decode.py --ckpt smollm2.ckpt --llama-dir /tmp/llama --gguf smollm2_f32.gguf
     python benchmarks/bench_decode.py --ckpt smollm2.ckpt --rounds 1 --new-tokens 32     # ours only, quick look
 """
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 
 SCRIPTS = ["train.py", "finetune.py", "infer.py", "evaluate_checkpoints.py", "eval_val.py", "list.py",
            "convert.py", "train_tokenizer.py", "plots.py", "explore.py", "check_replies.py", "benchmarks/bench_model.py",
-           "benchmarks/bench_infer.py", "benchmarks/shakespeare.py", "benchmarks/bench_explore.py"]
+           "benchmarks/bench_infer.py", "benchmarks/shakespeare.py", "benchmarks/bench_explore.py", "benchmarks/bench_decode.py"]
 SUBCOMMANDS = {"convert.py": ["to-hf", "to-gguf", "from-hf", "from-gguf", "to-peft", "from-peft"]}
 
 
